@@ -1,0 +1,172 @@
+// CUDA implementation of prmbench_fast::step_confusion (schema in ops.cpp, semantics in
+// prmbench_fast/reference.py::step_confusion_reference).
+//
+// One thread counts one sample (grid-stride loop) with the same `count_sample` the CPU kernel runs, writes its
+// sample_counts row, and adds its TP/FP/TN/FN to a per-block class histogram in shared memory; each block then adds
+// its histogram to the zero-initialised global class_counts. There is no host synchronisation: all sizes come from
+// tensor metadata, and the checks that would need the data (offsets, class ids) are done on the CPU path only. Here the
+// kernel clamps offsets so malformed ones cannot read out of bounds, and asserts on out-of-range class ids.
+//
+// Only light ATen/c10 headers are included (no <torch/extension.h>, no <ATen/cuda/CUDAContext.h>): see
+// /work/shared/docs/TOOLCHAIN.md.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "checks.h"
+#include "step_confusion.h"
+
+namespace prmbench_fast {
+namespace {
+
+// The histogram is updated with 64-bit unsigned atomics and stored as int64; the counts are non-negative, so both
+// views hold the same bits.
+static_assert(sizeof(unsigned long long) == sizeof(int64_t), "int64 counts are updated as unsigned long long");
+
+constexpr int kThreadsPerBlock = 256;
+// Enough blocks to fill any current GPU (~132 SMs x 8 resident blocks); more would only add histogram flushes, and the
+// grid-stride loop covers any batch size.
+constexpr int64_t kMaxBlocks = 1024;
+// The per-block histogram (num_classes x 4 x 8 bytes) fits the 48 KiB of shared memory every GPU grants without an
+// opt-in for num_classes <= 1536. Above that, threads add straight into global memory instead.
+constexpr int64_t kMaxSharedHistogramBytes = 48 * 1024;
+
+// [begin, end) of sample b in a tensor of `total` elements, clamped so malformed offsets cannot read out of bounds.
+__device__ inline void sample_range(const int64_t* offsets, int64_t b, int64_t total, int64_t* begin, int64_t* end) {
+  const int64_t lo = offsets[b];
+  const int64_t hi = offsets[b + 1];
+  *begin = lo < 0 ? 0 : (lo > total ? total : lo);
+  *end = hi < *begin ? *begin : (hi > total ? total : hi);
+}
+
+template <typename scalar_t>
+__global__ void step_confusion_kernel(
+    const scalar_t* __restrict__ values,
+    const double* __restrict__ thresholds,
+    const int64_t* __restrict__ cu_labels,
+    const int64_t* __restrict__ error_steps,
+    const int64_t* __restrict__ cu_errors,
+    const int64_t* __restrict__ sample_class,
+    int64_t num_samples,
+    int64_t num_values,
+    int64_t num_error_steps,
+    int64_t num_classes,
+    bool shared_histogram,
+    int64_t* __restrict__ sample_counts,
+    unsigned long long* __restrict__ class_counts) {
+  extern __shared__ unsigned long long block_counts[];
+  const int64_t histogram_size = num_classes * kConfusionColumns;
+  unsigned long long* histogram = shared_histogram ? block_counts : class_counts;
+  if (shared_histogram) {
+    for (int64_t k = threadIdx.x; k < histogram_size; k += blockDim.x) {
+      block_counts[k] = 0;
+    }
+  }
+  __syncthreads();
+
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < num_samples; b += stride) {
+    int64_t label_begin, label_end, error_begin, error_end;
+    sample_range(cu_labels, b, num_values, &label_begin, &label_end);
+    sample_range(cu_errors, b, num_error_steps, &error_begin, &error_end);
+    int64_t counts[kSampleColumns];  // kept local so the histogram update below does not read global memory back
+    count_sample(
+        values + label_begin, label_end - label_begin, thresholds[b], error_steps + error_begin,
+        error_end - error_begin, counts);
+    for (int64_t k = 0; k < kSampleColumns; ++k) {
+      sample_counts[b * kSampleColumns + k] = counts[k];
+    }
+
+    const int64_t cls = sample_class[b];
+    CUDA_KERNEL_ASSERT_MSG(cls >= 0 && cls < num_classes, "sample_class out of range [0, num_classes)");
+    if (cls >= 0 && cls < num_classes) {  // some platforms compile asserts out; never write outside the histogram
+      for (int64_t k = 0; k < kConfusionColumns; ++k) {
+        // TP/FP/TN/FN are never negative, so the unsigned add is exact.
+        atomicAdd(&histogram[cls * kConfusionColumns + k], static_cast<unsigned long long>(counts[k]));
+      }
+    }
+  }
+
+  if (shared_histogram) {
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < histogram_size; k += blockDim.x) {
+      if (block_counts[k] != 0) {
+        atomicAdd(&class_counts[k], block_counts[k]);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> step_confusion_cuda(
+    const at::Tensor& step_values_in,
+    const at::Tensor& thresholds_in,
+    const at::Tensor& cu_labels_in,
+    const at::Tensor& error_steps_in,
+    const at::Tensor& cu_errors_in,
+    const at::Tensor& sample_class_in,
+    int64_t num_classes) {
+  // The dispatcher routes here when any argument is a CUDA tensor, so the device checks below are what catch a
+  // mix of CPU and CUDA tensors (or two GPUs).
+  const int64_t num_samples = check_step_confusion_args(
+      step_values_in, thresholds_in, cu_labels_in, error_steps_in, cu_errors_in, sample_class_in, num_classes);
+  check_device_type(step_values_in, "step_values", c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(step_values_in.device());
+
+  // contiguous() is a no-op for contiguous inputs and otherwise an asynchronous copy on the current stream.
+  const at::Tensor step_values = step_values_in.contiguous();
+  const at::Tensor thresholds = thresholds_in.contiguous();
+  const at::Tensor cu_labels = cu_labels_in.contiguous();
+  const at::Tensor error_steps = error_steps_in.contiguous();
+  const at::Tensor cu_errors = cu_errors_in.contiguous();
+  const at::Tensor sample_class = sample_class_in.contiguous();
+
+  // Every row of sample_counts is written by the kernel; class_counts is accumulated into, so it starts at zero.
+  at::Tensor sample_counts = at::empty({num_samples, kSampleColumns}, cu_labels.options());
+  at::Tensor class_counts = at::zeros({num_classes, kConfusionColumns}, cu_labels.options());
+  if (num_samples == 0) {
+    return {class_counts, sample_counts};  // a zero-block grid is a launch error
+  }
+
+  const int64_t histogram_bytes = num_classes * kConfusionColumns * static_cast<int64_t>(sizeof(unsigned long long));
+  const bool shared_histogram = histogram_bytes <= kMaxSharedHistogramBytes;
+  const size_t shared_bytes = shared_histogram ? static_cast<size_t>(histogram_bytes) : 0;
+  const int64_t wanted_blocks = (num_samples + kThreadsPerBlock - 1) / kThreadsPerBlock;
+  const unsigned int blocks = static_cast<unsigned int>(wanted_blocks < kMaxBlocks ? wanted_blocks : kMaxBlocks);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBool, step_values.scalar_type(), "step_confusion_cuda", [&] {
+    step_confusion_kernel<scalar_t><<<blocks, kThreadsPerBlock, shared_bytes, stream>>>(
+        step_values.const_data_ptr<scalar_t>(),
+        thresholds.const_data_ptr<double>(),
+        cu_labels.const_data_ptr<int64_t>(),
+        error_steps.const_data_ptr<int64_t>(),
+        cu_errors.const_data_ptr<int64_t>(),
+        sample_class.const_data_ptr<int64_t>(),
+        num_samples,
+        step_values.size(0),
+        error_steps.size(0),
+        num_classes,
+        shared_histogram,
+        sample_counts.data_ptr<int64_t>(),
+        reinterpret_cast<unsigned long long*>(class_counts.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {class_counts, sample_counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(prmbench_fast, CUDA, m) {
+  m.impl("step_confusion", &step_confusion_cuda);
+}
+
+}  // namespace prmbench_fast

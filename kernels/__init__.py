@@ -1,0 +1,1 @@
+"""Triton kernels of prmbench_fast (installed as ``prmbench_fast.kernels``). Importing this package touches no GPU."""

@@ -1,0 +1,113 @@
+"""The boundary of the compiled ops: loading ``prmbench_fast._C``, fake kernels, and ``backend=`` dispatch.
+
+The extension is optional at import time: if it is missing or stale, this module still imports (so the pure-torch
+paths and the test suite keep working) and only a call that needs the compiled op fails, naming the rebuild command.
+Nothing here touches CUDA at import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prmbench_fast.reference import step_confusion_reference
+
+#: The command that (re)builds the extension, run from the repository root.
+REBUILD_COMMAND = "pip install --no-build-isolation -e ."
+#: Values accepted by the ``backend`` argument of :func:`step_confusion`.
+BACKENDS = ("auto", "cpu", "cuda", "torch")
+_TENSOR_ARGUMENTS = ("step_values", "thresholds", "cu_labels", "error_steps", "cu_errors", "sample_class")
+
+try:
+    # Loading the shared object runs its TORCH_LIBRARY registrations; the module itself is empty.
+    import prmbench_fast._C  # noqa: F401
+
+    HAS_C_EXTENSION = True
+    C_IMPORT_ERROR: ImportError | None = None
+except ImportError as error:
+    HAS_C_EXTENSION = False
+    C_IMPORT_ERROR = error
+
+
+def _require_extension() -> None:
+    if not HAS_C_EXTENSION:
+        raise RuntimeError(
+            "the compiled extension prmbench_fast._C could not be imported "
+            f"({type(C_IMPORT_ERROR).__name__}: {C_IMPORT_ERROR}). "
+            f"Rebuild it from the repository root with: {REBUILD_COMMAND}"
+        ) from C_IMPORT_ERROR
+
+
+if HAS_C_EXTENSION:
+
+    @torch.library.register_fake("prmbench_fast::step_confusion")
+    def _step_confusion_fake(
+        step_values, thresholds, cu_labels, error_steps, cu_errors, sample_class, num_classes
+    ):
+        # Output shapes depend only on input shapes (B from cu_labels) and num_classes: no data-dependent sizes.
+        num_samples = cu_labels.shape[0] - 1
+        class_counts = cu_labels.new_empty((num_classes, 4), dtype=torch.int64)
+        sample_counts = cu_labels.new_empty((num_samples, 6), dtype=torch.int64)
+        return class_counts, sample_counts
+
+
+def _check_device_type(tensors: dict[str, torch.Tensor], backend: str) -> None:
+    for name, tensor in tensors.items():
+        if tensor.device.type != backend:
+            raise ValueError(
+                f'backend="{backend}" needs {backend.upper()} tensors, but {name} is on {tensor.device}; '
+                'use backend="auto" to follow the tensors\' device'
+            )
+
+
+def step_confusion(
+    step_values: torch.Tensor,
+    thresholds: torch.Tensor,
+    cu_labels: torch.Tensor,
+    error_steps: torch.Tensor,
+    cu_errors: torch.Tensor,
+    sample_class: torch.Tensor,
+    num_classes: int,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compare per-step labels with the error steps and count the PRMBench confusion matrix.
+
+    Same arguments, semantics and results as :func:`prmbench_fast.reference.step_confusion_reference` (the official
+    ``eval_on_hallucination_step`` over a whole batch; a correct step is the positive class), computed by the compiled
+    op ``prmbench_fast::step_confusion``.
+
+    Args:
+        step_values: (N,), bool, float32 or float64. Every sample's labels (or scores), concatenated; floating values
+            become labels by ``value > thresholds[sample]`` in float64.
+        thresholds: (B,), float64. Per-sample threshold; read only when ``step_values`` is floating.
+        cu_labels: (B+1,), int64. Offsets of each sample's labels in ``step_values``, from 0 to N, non-decreasing.
+        error_steps: (E,), int64. Every sample's ground-truth error steps, 0-based, concatenated (any order; values
+            past the sample's labels are ignored).
+        cu_errors: (B+1,), int64. Offsets of each sample's error steps in ``error_steps``, from 0 to E.
+        sample_class: (B,), int64. Class id of each sample, in ``[0, num_classes)``.
+        num_classes: number of classes (rows of the per-class counts), at least 1.
+        backend: ``"auto"`` runs the compiled op for the tensors' device; ``"cpu"`` and ``"cuda"`` run the compiled
+            op and require every tensor on that device type; ``"torch"`` runs the plain-torch reference.
+
+    Returns:
+        class_counts: (num_classes, 4), int64. TP, FP, TN, FN summed over the samples of each class.
+        sample_counts: (B, 6), int64. Per sample: TP, FP, TN, FN, the number of positive labels, and the first-error
+            hit (1 if the label at the smallest error step is negative, 0 if positive, -1 if the sample has no error
+            step or its first error step is past its last label).
+
+    Raises:
+        ValueError: unknown ``backend``, or tensors on another device type than ``backend`` names.
+        RuntimeError: the compiled extension is not importable (the message names the rebuild command), or the op
+            rejected its inputs (the message names the argument and the expected shape, dtype or range). The CPU
+            op checks offsets, error steps and class ids; the CUDA op cannot without a host sync and asserts on
+            out-of-range class ids in the kernel.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    args = (step_values, thresholds, cu_labels, error_steps, cu_errors, sample_class, num_classes)
+    if backend == "torch":
+        return step_confusion_reference(*args)
+    if backend != "auto":
+        _check_device_type(dict(zip(_TENSOR_ARGUMENTS, args)), backend)
+    _require_extension()
+    return torch.ops.prmbench_fast.step_confusion(*args)
