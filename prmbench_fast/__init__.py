@@ -1,0 +1,40 @@
+"""prmbench_fast: fast, exact PRMBench evaluation of process reward models.
+
+Public API:
+    load_prmbench(source=None, *, classes=None, limit_per_class=None) -> PRMBenchDataset
+    evaluate(dataset, predictions, *, validity_threshold=0.5, redundancy_threshold=0.15, backend="auto") -> Report
+    step_rewards(hidden, step_pos, weight, bias=None, *, activation="softmax", backend="auto") -> (S, C) float32
+    step_token_probs(hidden, step_pos, lm_head_weight, token_ids, *, lm_head_bias=None, backend="auto") -> (S, K)
+
+Importing the package touches no GPU and does not import Triton; the kernels load on first use.
+"""
+
+from .data import PRMBenchDataError, PRMBenchDataset, Sample, load_prmbench
+from .evaluate import PredictionError, Report, evaluate
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "step_rewards": ("prmbench_fast.kernels.step_reward", "step_rewards"),
+    "step_token_probs": ("prmbench_fast.kernels.step_reward", "step_token_probs"),
+}
+
+__all__ = [
+    "PRMBenchDataError",
+    "PRMBenchDataset",
+    "PredictionError",
+    "Report",
+    "Sample",
+    "evaluate",
+    "load_prmbench",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module_name), attribute)
+    raise AttributeError(f"module 'prmbench_fast' has no attribute {name!r}")

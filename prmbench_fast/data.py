@@ -1,0 +1,389 @@
+"""Loading PRMBench into the evaluation set the official toolkit builds (SPEC §1.4).
+
+From each raw row, in file order: a ``redundency`` row first adds the clean ``correct_<idx>`` sample (once per idx),
+then every row adds its perturbed sample ``<classification>_<idx>``; on a duplicate sample id the first occurrence
+wins. The full data gives 6,969 samples: 758 ``correct`` and 6,211 others.
+
+Every row is validated; bad input raises :class:`PRMBenchDataError` naming the file, the line and the field.
+What the official loader tolerates (error steps past the last step, unsorted error steps, empty step strings,
+duplicate ids) is kept exactly as the official loader keeps it and counted in :attr:`PRMBenchDataset.diagnostics`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from collections import Counter
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .classes import CLASS_DOMAIN, CLASS_ID, CORRECT, CORRECT_SOURCE_CLASS, ERROR_CLASSES
+
+DEFAULT_HUB_DATASET = "hitsmy/PRMBench_Preview"
+DATA_ENV_VAR = "PRMBENCH_DATA"
+
+
+class PRMBenchDataError(ValueError):
+    """Malformed PRMBench input. The message names the source file, the 1-based line (row) and the field."""
+
+    def __init__(self, source: str, line: int, field: str | None, problem: str):
+        self.source, self.line, self.field, self.problem = source, line, field, problem
+        where = f"{source}, line {line}" + (f", field '{field}'" if field else "")
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One evaluation sample.
+
+    ``id`` is the official sample idx (``correct_<idx>`` or ``<classification>_<idx>``); ``error_steps`` are 1-based,
+    as in the data, and may exceed ``len(steps)``; ``partner_id`` is the clean ``correct_<idx>`` sample the
+    similarity metric compares with (None for the correct samples themselves).
+    """
+
+    id: str
+    question: str
+    steps: tuple[str, ...]
+    error_steps: tuple[int, ...]
+    classification: str
+    source_idx: str
+
+    @property
+    def domain(self) -> str | None:
+        return CLASS_DOMAIN.get(self.classification)
+
+    @property
+    def partner_id(self) -> str | None:
+        return None if self.classification == CORRECT else f"{CORRECT}_{self.source_idx}"
+
+
+@dataclasses.dataclass
+class LoadDiagnostics:
+    """What the loader tolerated, as the official loader does: nothing here is dropped silently."""
+
+    sources: list[str] = dataclasses.field(default_factory=list)
+    raw_rows: int = 0
+    #: (source, line, sample id) of every row whose sample id was already taken (dropped: first occurrence wins).
+    duplicate_rows: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+    #: sample id -> its error steps that lie past its last step (kept; never scored unless a model emits extra labels).
+    out_of_range_error_steps: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    #: sample ids whose error steps are not in increasing order (kept as given).
+    unsorted_error_steps: list[str] = dataclasses.field(default_factory=list)
+    #: number of step strings that are empty or whitespace only (kept as given).
+    blank_steps: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sources": list(self.sources),
+            "raw_rows": self.raw_rows,
+            "duplicate_rows": len(self.duplicate_rows),
+            "samples_with_out_of_range_error_steps": len(self.out_of_range_error_steps),
+            "out_of_range_error_steps": sum(len(v) for v in self.out_of_range_error_steps.values()),
+            "samples_with_unsorted_error_steps": len(self.unsorted_error_steps),
+            "blank_steps": self.blank_steps,
+        }
+
+
+class PRMBenchDataset(Sequence[Sample]):
+    """The evaluation set: samples in the official order, indexable by position and by sample id."""
+
+    def __init__(self, samples: Iterable[Sample], diagnostics: LoadDiagnostics | None = None):
+        self.samples: list[Sample] = list(samples)
+        self.by_id: dict[str, Sample] = {s.id: s for s in self.samples}
+        if len(self.by_id) != len(self.samples):
+            raise ValueError("sample ids must be unique")
+        self.diagnostics = diagnostics or LoadDiagnostics()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.samples[index]
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    def __contains__(self, sample_id: object) -> bool:
+        return sample_id in self.by_id
+
+    @functools.cached_property
+    def position(self) -> dict[str, int]:
+        """Sample id -> its position in the dataset."""
+        return {s.id: i for i, s in enumerate(self.samples)}
+
+    @functools.cached_property
+    def arrays(self) -> "DatasetArrays":
+        """Per-sample figures as arrays, computed once, for the vectorised evaluator."""
+        return DatasetArrays.of(self.samples)
+
+    @functools.cached_property
+    def classes(self) -> tuple[str, ...]:
+        """The classes present, in order of first appearance."""
+        return tuple(dict.fromkeys(s.classification for s in self.samples))
+
+    def class_counts(self) -> dict[str, int]:
+        return dict(Counter(s.classification for s in self.samples))
+
+    def subset(self, classes: Iterable[str] | None = None, limit_per_class: int | None = None) -> "PRMBenchDataset":
+        """A deterministic stratified subset; the ``correct`` partners of the chosen samples come along.
+
+        ``classes`` restricts to these error classes (``None``: all nine). ``limit_per_class`` keeps at most that many
+        samples per class, choosing the same source problems across classes where the data allows (problems present
+        in the most requested classes first, then in data order), so that the similarity metric and prefix sharing
+        see complete problem groups.
+        """
+        wanted = _check_classes(classes)
+        if limit_per_class is not None and limit_per_class < 0:
+            raise ValueError(f"limit_per_class must be >= 0, got {limit_per_class}")
+        candidates = [s for s in self.samples if s.classification in wanted]
+        if limit_per_class is not None:
+            coverage = Counter(s.source_idx for s in candidates)
+            first_seen: dict[str, int] = {}
+            for position, s in enumerate(candidates):
+                first_seen.setdefault(s.source_idx, position)
+            rank = sorted(coverage, key=lambda idx: (-coverage[idx], first_seen[idx]))
+            rank_of = {idx: r for r, idx in enumerate(rank)}
+            chosen: set[str] = set()
+            for cls in wanted:
+                members = sorted((s for s in candidates if s.classification == cls), key=lambda s: rank_of[s.source_idx])
+                chosen.update(s.id for s in members[:limit_per_class])
+            candidates = [s for s in candidates if s.id in chosen]
+        return _restrict(self, (s.id for s in candidates))
+
+    def restrict_to(self, sample_ids: Iterable[str]) -> "PRMBenchDataset":
+        """The samples with these ids (unknown ids are ignored) and their ``correct`` partners, in data order."""
+        return _restrict(self, sample_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetArrays:
+    """Per-sample figures of a dataset in sample order (int64 numpy arrays).
+
+    ``error_steps`` holds every sample's error steps 0-based, concatenated, with ``error_offsets`` (len + 1);
+    ``first_error`` is the smallest 0-based error step, -1 for a sample without error steps; ``partner_position``
+    is the position of the sample's ``correct`` partner, -1 where there is none in the dataset.
+    """
+
+    step_counts: np.ndarray
+    class_ids: np.ndarray
+    error_steps: np.ndarray
+    error_offsets: np.ndarray
+    first_error: np.ndarray
+    partner_position: np.ndarray
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample]) -> "DatasetArrays":
+        errors = [e - 1 for s in samples for e in s.error_steps]
+        position = {s.id: i for i, s in enumerate(samples)}
+        return cls(
+            step_counts=np.array([len(s.steps) for s in samples], dtype=np.int64),
+            class_ids=np.array([CLASS_ID[s.classification] for s in samples], dtype=np.int64),
+            error_steps=np.array(errors, dtype=np.int64),
+            error_offsets=np.cumsum([0] + [len(s.error_steps) for s in samples], dtype=np.int64),
+            first_error=np.array([min(s.error_steps) - 1 if s.error_steps else -1 for s in samples], dtype=np.int64),
+            partner_position=np.array([position.get(s.partner_id, -1) for s in samples], dtype=np.int64),
+        )
+
+    def gather_errors(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The concatenated error steps and their offsets (len + 1) of the samples at ``positions``."""
+        starts = self.error_offsets[positions]
+        counts = self.error_offsets[positions + 1] - starts
+        offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        # Index of each output entry in error_steps: its sample's start plus its rank within the sample.
+        rank = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], counts)
+        return self.error_steps[np.repeat(starts, counts) + rank], offsets
+
+
+def _restrict(dataset: "PRMBenchDataset", ids) -> "PRMBenchDataset":
+    keep = {i for i in ids if i in dataset.by_id}
+    keep |= {dataset.by_id[i].partner_id for i in list(keep)} - {None}
+    return PRMBenchDataset((s for s in dataset.samples if s.id in keep), dataset.diagnostics)
+
+
+def _check_classes(classes: Iterable[str] | None) -> tuple[str, ...]:
+    if classes is None:
+        return ERROR_CLASSES
+    if isinstance(classes, str):
+        classes = [classes]
+    wanted = tuple(dict.fromkeys(classes))
+    unknown = [c for c in wanted if c not in ERROR_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown PRMBench classes {unknown}; expected any of {list(ERROR_CLASSES)}")
+    return wanted
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Row validation
+
+
+def _field(row: dict, name: str, kind: type, source: str, line: int) -> Any:
+    if name not in row:
+        raise PRMBenchDataError(source, line, name, "missing field")
+    value = row[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PRMBenchDataError(source, line, name, f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _steps(row: dict, name: str, source: str, line: int) -> tuple[str, ...]:
+    steps = _field(row, name, list, source, line)
+    if not steps:
+        raise PRMBenchDataError(source, line, name, "empty solution (no steps)")
+    for i, step in enumerate(steps):
+        if not isinstance(step, str):
+            raise PRMBenchDataError(source, line, f"{name}[{i}]", f"expected str, got {type(step).__name__}")
+    return tuple(steps)
+
+
+def _error_steps(row: dict, source: str, line: int) -> tuple[int, ...]:
+    values = _field(row, "error_steps", list, source, line)
+    for i, v in enumerate(values):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise PRMBenchDataError(source, line, f"error_steps[{i}]", f"expected a positive (1-based) integer, got {v!r}")
+    return tuple(values)
+
+
+def _bare_idx(idx: str, classification: str) -> str:
+    # The hub copy may carry the class prefix (circular_prm_test_p1_0); the in-repo files do not.
+    prefix = f"{classification}_"
+    return idx[len(prefix):] if idx.startswith(prefix) else idx
+
+
+class _Builder:
+    """Turns raw rows into samples exactly as the official ``load_data_function`` does, validating as it goes."""
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+        self.taken: set[str] = set()
+        self.diagnostics = LoadDiagnostics()
+
+    def add_row(self, row: Any, source: str, line: int) -> None:
+        if not isinstance(row, dict):
+            raise PRMBenchDataError(source, line, None, f"expected a JSON object, got {type(row).__name__}")
+        self.diagnostics.raw_rows += 1
+        classification = _field(row, "classification", str, source, line)
+        if classification not in ERROR_CLASSES:
+            raise PRMBenchDataError(
+                source, line, "classification", f"unknown class {classification!r}; expected one of {list(ERROR_CLASSES)}"
+            )
+        idx = _bare_idx(_field(row, "idx", str, source, line), classification)
+        question = _field(row, "modified_question", str, source, line)
+        steps = _steps(row, "modified_process", source, line)
+        error_steps = _error_steps(row, source, line)
+
+        if classification == CORRECT_SOURCE_CLASS:
+            correct_id = f"{CORRECT}_{idx}"
+            if correct_id not in self.taken:
+                original_question = _field(row, "original_question", str, source, line)
+                original_steps = _steps(row, "original_process", source, line)
+                self._add(Sample(correct_id, original_question, original_steps, (), CORRECT, idx))
+
+        sample_id = f"{classification}_{idx}"
+        if sample_id in self.taken:
+            self.diagnostics.duplicate_rows.append((source, line, sample_id))
+            return
+        self._add(Sample(sample_id, question, steps, error_steps, classification, idx))
+
+    def _add(self, sample: Sample) -> None:
+        self.taken.add(sample.id)
+        self.samples.append(sample)
+        diag = self.diagnostics
+        diag.blank_steps += sum(1 for s in sample.steps if not s.strip())
+        past_end = tuple(e for e in sample.error_steps if e > len(sample.steps))
+        if past_end:
+            diag.out_of_range_error_steps[sample.id] = past_end
+        if list(sample.error_steps) != sorted(sample.error_steps):
+            diag.unsorted_error_steps.append(sample.id)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _jsonl_rows(path: pathlib.Path) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line_number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield line_number, json.loads(text)
+            except json.JSONDecodeError as err:
+                raise PRMBenchDataError(str(path), line_number, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+def _hub_rows(dataset_id: str) -> Iterator[tuple[int, Any]]:
+    import datasets  # imported here: loading from a local file does not need it
+
+    table = datasets.load_dataset(dataset_id, split="train")
+    for row_number, row in enumerate(table, start=1):
+        yield row_number, row
+
+
+def resolve_source(source: str | os.PathLike | None) -> str:
+    """The data source to read: the argument, else ``$PRMBENCH_DATA``, else the hub dataset id."""
+    if source is None:
+        source = os.environ.get(DATA_ENV_VAR) or DEFAULT_HUB_DATASET
+    return os.fspath(source)
+
+
+def load_prmbench(
+    source: str | os.PathLike | None = None,
+    *,
+    classes: Iterable[str] | None = None,
+    limit_per_class: int | None = None,
+) -> PRMBenchDataset:
+    """Load PRMBench as the official toolkit's evaluation set.
+
+    Args:
+        source: a ``.jsonl`` file, a folder of ``.jsonl`` files (read in file-name order, not recursively, as the
+            official loader reads its data folder), or a Hugging Face dataset id. Default: ``$PRMBENCH_DATA`` if
+            set, else ``hitsmy/PRMBench_Preview`` from the hub (loaded with ``datasets``). Sample ids may be bare
+            (``prm_test_p1_0``) or class-prefixed (``circular_prm_test_p1_0``).
+        classes: keep only these error classes (data spelling, e.g. ``"redundency"``); their ``correct`` partners
+            come along.
+        limit_per_class: keep at most this many samples per class (see :meth:`PRMBenchDataset.subset`).
+
+    Raises:
+        PRMBenchDataError: a row is malformed; the message names the file, the line and the field.
+        FileNotFoundError: ``source`` looks like a path but does not exist.
+    """
+    source = resolve_source(source)
+    path = pathlib.Path(source)
+    builder = _Builder()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".jsonl" and p.is_file())
+        if not files:
+            raise FileNotFoundError(f"no .jsonl files in folder {path}")
+        for file in files:
+            builder.diagnostics.sources.append(str(file))
+            for line, row in _jsonl_rows(file):
+                builder.add_row(row, str(file), line)
+    elif path.is_file():
+        builder.diagnostics.sources.append(str(path))
+        for line, row in _jsonl_rows(path):
+            builder.add_row(row, str(path), line)
+    elif _looks_like_hub_id(source):
+        builder.diagnostics.sources.append(f"hub:{source}")
+        for line, row in _hub_rows(source):
+            builder.add_row(row, f"hub:{source}", line)
+    else:
+        raise FileNotFoundError(f"PRMBench data not found: {source}")
+    dataset = PRMBenchDataset(builder.samples, builder.diagnostics)
+    if classes is not None or limit_per_class is not None:
+        dataset = dataset.subset(classes, limit_per_class)
+    return dataset
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    # "name" or "owner/name"; anything else (absolute, relative, home paths, file names) is a missing local path.
+    parts = source.split("/")
+    return (
+        len(parts) <= 2
+        and all(parts)
+        and not source.startswith((".", "~"))
+        and pathlib.PurePath(source).suffix not in (".jsonl", ".json")
+    )

@@ -1,0 +1,371 @@
+"""``evaluate()``: the official PRMBench evaluator, with the step comparison done by the compiled counting op.
+
+Semantics (SPEC §2): the first prediction per sample id wins and ids outside the data are ignored; predictions with a
+false ``validity`` flag contribute nothing but lower the validity rate; the correct samples are processed first and
+feed only their own class and the similarity metric; the labels a prediction emits drive the scoring (never the
+step count); on ``redundency``/``circular`` a prediction with redundancy labels is scored by NOT(redundancy label).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from . import metrics
+from .classes import ALL_CLASSES, CLASS_ID, CORRECT, REDUNDANCY_CLASSES
+from .data import PRMBenchDataset, Sample
+from .ops import step_confusion
+
+VALIDITY_LABELS = "step_level_validity_labels"
+VALIDITY_SCORES = "step_level_validity_scores"
+REDUNDANCY_LABELS = "step_level_redundancy_labels"
+REDUNDANCY_SCORES = "step_level_redundancy_scores"
+# Labels travel to the op as 0.0/1.0 with this threshold, so labels and raw scores share one float64 buffer.
+LABEL_THRESHOLD = 0.5
+
+
+class PredictionError(ValueError):
+    """A prediction the evaluator cannot score; the message names the sample id and the field."""
+
+
+@dataclasses.dataclass
+class Report:
+    """The result of :func:`evaluate`.
+
+    Attributes:
+        official: the official ``evaluate_function`` result without ``detailed_logs``:
+            ``total_hallucination_results``, ``hallucination_type_results``, ``validitiy_rate`` (sic).
+        table: the leaderboard row (×100, full precision): Overall, NR, NCL, S1, ES, SC, DC, CI, S2, PS, DR, MS, S3.
+        diagnostics: what was not scored and why (missing ids, invalid predictions, label/step count mismatches…).
+        sample_ids: the scored samples, in official processing order (rows of ``sample_counts``).
+        sample_counts: (B, 6) int64 per scored sample: TP, FP, TN, FN, positive labels, first-error hit (-1 none).
+        class_counts: (10, 4) int64 TP, FP, TN, FN per class, rows in ``prmbench_fast.classes.ALL_CLASSES`` order.
+        label_counts: (B,) int64 number of labels of each scored sample.
+        run: for reports made by ``score()``: throughput and truncation figures of the run (empty otherwise).
+        predictions: for reports made by ``score()``: every sample's result in the official format (empty otherwise).
+    """
+
+    official: dict[str, Any]
+    table: dict[str, float | None]
+    diagnostics: dict[str, Any]
+    sample_ids: list[str]
+    sample_counts: torch.Tensor
+    class_counts: torch.Tensor
+    label_counts: torch.Tensor
+    run: dict[str, Any] = dataclasses.field(default_factory=dict)
+    predictions: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def sample_results(self) -> dict[str, dict[str, Any]]:
+        """Per-sample figures as the official ``detailed_logs[i]["results"]`` gives them (lists left out)."""
+        out = {}
+        counts = self.sample_counts.tolist()
+        for sample_id, n_labels, (tp, fp, tn, fn, positive, first_error) in zip(
+            self.sample_ids, self.label_counts.tolist(), counts
+        ):
+            out[sample_id] = {
+                "correct_step_acc": metrics.ratio(tp, tp + fn),
+                "wrong_step_acc": metrics.ratio(tn, tn + fp),
+                "total_step_acc": metrics.ratio(tp + tn, n_labels),
+                "first_error_acc": None if first_error < 0 else first_error,
+                "model_response_acc": metrics.ratio(positive, n_labels),
+                "f1_matrix": {"TP": tp, "FP": fp, "TN": tn, "FN": fn},
+            }
+        return out
+
+    def format_table(self) -> str:
+        return metrics.format_table(self.table)
+
+
+@dataclasses.dataclass
+class _Scored:
+    """The valid predictions, flattened into the op's inputs, in official processing order."""
+
+    samples: list[Sample]
+    positions: list[int]  # dataset positions of ``samples``
+    step_values: list  # flat labels (0/1) and scores
+    thresholds: list[float]
+    label_offsets: list[int]
+    fields: list[str]  # which prediction field each sample's values came from (for error messages)
+
+
+def _is_mapping(value: Any) -> bool:
+    # `type(...) is dict` first: isinstance against the Mapping ABC costs microseconds per call on this hot path.
+    return type(value) is dict or isinstance(value, Mapping)
+
+
+def first_results(dataset: PRMBenchDataset, predictions) -> tuple[list[int], list[Mapping], dict[str, Any]]:
+    """Pair predictions with samples: first result per id wins, unknown ids are dropped (and counted).
+
+    ``predictions`` is a mapping ``sample id -> result`` or an iterable of result dicts carrying ``idx``. A result is
+    the official ``{"scores": {...}, "validity": bool}`` (``validity`` optional); a bare scores dict is accepted too.
+    Returns the dataset positions and results of the kept predictions, in prediction order, and pairing figures.
+    """
+    if _is_mapping(predictions):
+        items: Iterable[tuple[Any, Any]] = predictions.items()
+    else:
+        items = ((_result_id(r, i), r) for i, r in enumerate(predictions))
+    position = dataset.position
+    positions: list[int] = []
+    results: list[Mapping] = []
+    seen: set[str] = set()
+    unknown: list[str] = []
+    duplicates = 0
+    for sample_id, result in items:
+        where = position.get(sample_id)
+        if where is None:
+            unknown.append(sample_id)
+        elif sample_id in seen:
+            duplicates += 1
+        elif not _is_mapping(result):
+            raise PredictionError(f"prediction for sample {sample_id!r}: expected a dict, got {type(result).__name__}")
+        else:
+            seen.add(sample_id)
+            positions.append(where)
+            results.append(result)
+    return positions, results, {"unknown_prediction_ids": unknown, "duplicate_predictions": duplicates, "seen": seen}
+
+
+def _result_id(result: Any, position: int) -> str:
+    if not _is_mapping(result) or "idx" not in result:
+        raise PredictionError(f"prediction #{position}: a result in a list must be a dict with an 'idx' field")
+    return result["idx"]
+
+
+def _scores_of(sample: Sample, result: Mapping) -> Mapping:
+    scores = result["scores"] if "scores" in result else result
+    if not _is_mapping(scores):
+        raise PredictionError(f"prediction for sample {sample.id!r}, field 'scores': expected a dict")
+    return scores
+
+
+def _is_valid(result: Mapping) -> bool:
+    return "validity" not in result or bool(result["validity"])
+
+
+def _step_values(sample: Sample, scores: Mapping, validity_threshold: float, redundancy_threshold: float):
+    """The values the official evaluator scores for this sample: (values, threshold, field name)."""
+    if sample.classification in REDUNDANCY_CLASSES:
+        if REDUNDANCY_LABELS in scores:
+            return [not label for label in _list(sample, scores, REDUNDANCY_LABELS)], LABEL_THRESHOLD, REDUNDANCY_LABELS
+        if VALIDITY_LABELS not in scores and REDUNDANCY_SCORES in scores:
+            # Scores only: label them as the adapters do (redundant = score > threshold), then invert.
+            values = _list(sample, scores, REDUNDANCY_SCORES)
+            _check_numbers(sample, REDUNDANCY_SCORES, values)
+            return [not (v > redundancy_threshold) for v in values], LABEL_THRESHOLD, REDUNDANCY_SCORES
+    if VALIDITY_LABELS in scores:
+        return _list(sample, scores, VALIDITY_LABELS), LABEL_THRESHOLD, VALIDITY_LABELS
+    if VALIDITY_SCORES in scores:
+        return _list(sample, scores, VALIDITY_SCORES), validity_threshold, VALIDITY_SCORES
+    raise PredictionError(
+        f"prediction for sample {sample.id!r}, field 'scores': has neither {VALIDITY_LABELS!r} nor {VALIDITY_SCORES!r}"
+    )
+
+
+def _list(sample: Sample, scores: Mapping, field: str) -> list:
+    values = scores[field]
+    if not isinstance(values, (list, tuple)):
+        raise PredictionError(f"prediction for sample {sample.id!r}, field {field!r}: expected a list")
+    return values
+
+
+def _check_numbers(sample: Sample, field: str, values) -> None:
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise PredictionError(f"prediction for sample {sample.id!r}, field {field!r}[{i}]: not a number: {v!r}")
+
+
+def _flatten(dataset: PRMBenchDataset, positions, results, validity_threshold, redundancy_threshold) -> _Scored:
+    scored = _Scored([], [], [], [], [0], [])
+    values, thresholds, offsets, fields = scored.step_values, scored.thresholds, scored.label_offsets, scored.fields
+    samples = dataset.samples
+    for where, result in zip(positions, results):
+        sample = samples[where]
+        scores = result.get("scores", result) if type(result) is dict else _scores_of(sample, result)
+        step_values = scores.get(VALIDITY_LABELS) if type(scores) is dict else None
+        # Fast path (almost every prediction): validity labels as a list, on a class without the redundancy rule.
+        if type(step_values) is list and (
+            sample.classification not in REDUNDANCY_CLASSES or REDUNDANCY_LABELS not in scores
+        ):
+            threshold, field = LABEL_THRESHOLD, VALIDITY_LABELS
+        else:
+            step_values, threshold, field = _step_values(
+                sample, _scores_of(sample, result), validity_threshold, redundancy_threshold
+            )
+        values.extend(step_values)
+        thresholds.append(threshold)
+        offsets.append(len(values))
+        fields.append(field)
+        scored.samples.append(sample)
+        scored.positions.append(where)
+    return scored
+
+
+def _values_tensor(scored: _Scored) -> torch.Tensor:
+    """The flat float64 values, checked: labels must be 0/1 (booleans), scores real numbers."""
+    try:
+        array = np.array(scored.step_values, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = None
+    is_label = np.repeat(
+        np.array([f.endswith("labels") for f in scored.fields], dtype=bool), np.diff(scored.label_offsets)
+    )
+    if array is None or not np.all(np.where(is_label, (array == 0) | (array == 1), array == array)):
+        _raise_for_bad_value(scored)
+    return torch.from_numpy(array)
+
+
+def _raise_for_bad_value(scored: _Scored) -> None:
+    for sample, field, start, end in zip(scored.samples, scored.fields, scored.label_offsets, scored.label_offsets[1:]):
+        for i, v in enumerate(scored.step_values[start:end]):
+            if field.endswith("labels"):
+                if not (isinstance(v, (bool, int, float)) and v in (0, 1)):
+                    raise PredictionError(
+                        f"prediction for sample {sample.id!r}, field {field!r}[{i}]: a label must be true/false (or 0/1), got {v!r}"
+                    )
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise PredictionError(f"prediction for sample {sample.id!r}, field {field!r}[{i}]: not a number: {v!r}")
+    raise AssertionError("unreachable: a bad value was detected but not located")
+
+
+def evaluate(
+    dataset: PRMBenchDataset,
+    predictions,
+    *,
+    validity_threshold: float = 0.5,
+    redundancy_threshold: float = 0.15,
+    backend: str = "auto",
+) -> Report:
+    """Score predictions exactly as the official PRMBench evaluator does.
+
+    Args:
+        dataset: the evaluation set from :func:`prmbench_fast.load_prmbench` (or a subset of it).
+        predictions: ``sample id -> result`` or an iterable of result dicts with ``idx`` (official result lines).
+            A result holds ``scores`` with ``step_level_validity_labels`` and/or ``step_level_validity_scores``
+            (labelled ``score > validity_threshold`` when no labels are given), optionally
+            ``step_level_redundancy_labels``/``_scores`` (redundant = ``score > redundancy_threshold``), and an
+            optional ``validity`` flag (false: an invalid prediction, e.g. an unparseable critic answer).
+        validity_threshold, redundancy_threshold: used only for predictions that carry scores but no labels.
+        backend: the counting op's backend: "auto" (compiled op on the tensors' device), "cpu", "cuda" or "torch".
+
+    Returns:
+        A :class:`Report`; ``report.official`` equals the official ``evaluate_function`` output (counts exactly,
+        ratios to the last bit) minus its ``detailed_logs``.
+    """
+    positions, results, pairing = first_results(dataset, predictions)
+    arrays = dataset.arrays
+    is_correct = (arrays.class_ids[np.array(positions, dtype=np.int64)] == CLASS_ID[CORRECT]).tolist()
+    valid = [_is_valid(r) for r in results]
+    # The official evaluator scores every correct sample before the others (similarity needs their values).
+    order = [i for i, c in enumerate(is_correct) if c and valid[i]] + [i for i, c in enumerate(is_correct) if not c and valid[i]]
+    num_correct_valid = sum(1 for i, c in enumerate(is_correct) if c and valid[i])
+    scored = _flatten(
+        dataset, [positions[i] for i in order], [results[i] for i in order], validity_threshold, redundancy_threshold
+    )
+
+    scored_positions = np.array(scored.positions, dtype=np.int64)
+    error_steps, error_offsets = arrays.gather_errors(scored_positions)
+    cu_labels = torch.tensor(scored.label_offsets, dtype=torch.int64)
+    class_counts, sample_counts = step_confusion(
+        _values_tensor(scored),
+        torch.tensor(scored.thresholds, dtype=torch.float64),
+        cu_labels,
+        torch.from_numpy(error_steps),
+        torch.from_numpy(error_offsets),
+        torch.from_numpy(arrays.class_ids[scored_positions]),
+        len(ALL_CLASSES),
+        backend=backend,
+    )
+    label_counts = cu_labels[1:] - cu_labels[:-1]
+    num_correct = sum(is_correct)
+    official = _official_result(
+        dataset, scored, class_counts, sample_counts, label_counts, num_correct_valid=num_correct_valid,
+        total_num=len(dataset) - num_correct, valid_num=sum(1 for i, c in enumerate(is_correct) if not c and valid[i]),
+    )
+    invalid = [dataset.samples[p].id for p, ok in zip(positions, valid) if not ok]
+    return Report(
+        official=official,
+        table=metrics.leaderboard_table(official),
+        diagnostics=_diagnostics(dataset, len(positions), pairing, invalid, scored_positions, label_counts),
+        sample_ids=[s.id for s in scored.samples],
+        sample_counts=sample_counts,
+        class_counts=class_counts,
+        label_counts=label_counts,
+    )
+
+
+def _official_result(dataset, scored, class_counts, sample_counts, label_counts, *, num_correct_valid, total_num, valid_num):
+    classes_present = dataset.classes
+    counts = sample_counts.cpu().numpy()
+    class_of = dataset.arrays.class_ids[np.array(scored.positions, dtype=np.int64)]
+    first_error = counts[:, 5]
+
+    # model_response_acc = sum(labels) / len(labels), -1 without labels. float64 division of exact integers is
+    # correctly rounded, as Python's int / int is, so the values are the official ones bit for bit.
+    n_labels = label_counts.cpu().numpy()
+    response_acc = np.where(n_labels > 0, counts[:, 4] / np.maximum(n_labels, 1), -1.0)
+    # One spare nan slot at the end: a partner position of -1 (partner not in the dataset) reads it.
+    partner_acc = np.full(len(dataset) + 1, np.nan)
+    scored_positions = np.array(scored.positions, dtype=np.int64)
+    partner_acc[scored_positions[:num_correct_valid]] = response_acc[:num_correct_valid]
+    others = slice(num_correct_valid, None)
+    partner = partner_acc[dataset.arrays.partner_position[scored_positions[others]]]
+    # Official truthiness test: a missing partner (nan here) or one of exactly 0.0 drops the pair; -1 is kept.
+    paired = ~np.isnan(partner) & (partner != 0) & (response_acc[others] != -1)
+    similarity_values = np.abs(response_acc[others] - partner)
+    other_class = class_of[others]
+    # Python's sequential sum over lists in processing order, as the official mean is taken.
+    similarity = {c: similarity_values[paired & (other_class == CLASS_ID[c])].tolist() for c in classes_present}
+    total_similarity = similarity_values[paired].tolist()
+
+    table = class_counts.cpu().tolist()
+    per_class: dict[str, dict[str, float]] = {m: {} for m in metrics.STEP_METRICS + metrics.F1_METRICS}
+    for cls in classes_present:
+        cid = CLASS_ID[cls]
+        of_class = first_error[class_of == cid]
+        values = {
+            **metrics.step_metrics(*table[cid], int((of_class == 1).sum()), int((of_class >= 0).sum()), similarity[cls]),
+            **metrics.f1_metrics(*table[cid]),
+        }
+        for name, value in values.items():
+            per_class[name][cls] = value
+
+    # Totals pool every class but `correct` (multi_solutions included).
+    of_errors = first_error[class_of != CLASS_ID[CORRECT]]
+    tp, fp, tn, fn = (sum(row[k] for cid, row in enumerate(table) if ALL_CLASSES[cid] != CORRECT) for k in range(4))
+    totals = {
+        **metrics.step_metrics(tp, fp, tn, fn, int((of_errors == 1).sum()), int((of_errors >= 0).sum()), total_similarity),
+        **metrics.f1_metrics(tp, fp, tn, fn),
+    }
+    return {
+        "total_hallucination_results": totals,
+        "hallucination_type_results": per_class,
+        "validitiy_rate": metrics.ratio(valid_num, total_num),
+    }
+
+
+def _diagnostics(dataset, predictions_used, pairing, invalid, scored_positions, label_counts) -> dict[str, Any]:
+    arrays = dataset.arrays
+    step_counts = arrays.step_counts[scored_positions]
+    first_errors = arrays.first_error[scored_positions]
+    n_labels = label_counts.cpu().numpy()
+    short = n_labels < step_counts
+    long = n_labels > step_counts
+    seen = pairing["seen"]
+    return {
+        "samples": len(dataset),
+        "predictions_used": predictions_used,
+        "missing_ids": [s.id for s in dataset.samples if s.id not in seen],
+        "unknown_prediction_ids": pairing["unknown_prediction_ids"],
+        "duplicate_predictions": pairing["duplicate_predictions"],
+        "invalid_predictions": invalid,
+        "samples_with_fewer_labels_than_steps": int(short.sum()),
+        "steps_left_unscored": int((step_counts - n_labels)[short].sum()),
+        "samples_with_more_labels_than_steps": int(long.sum()),
+        "extra_labels": int((n_labels - step_counts)[long].sum()),
+        # An in-range first error step that got no label (the prediction stopped before it).
+        "first_errors_left_unscored": int(((first_errors >= n_labels) & (first_errors < step_counts)).sum()),
+        "data": dataset.diagnostics.summary(),
+    }
