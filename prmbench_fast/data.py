@@ -174,6 +174,7 @@ class DatasetArrays:
     error_offsets: np.ndarray
     first_error: np.ndarray
     partner_position: np.ndarray
+    is_correct: list[bool]  # a Python list: indexed per prediction in the evaluator's loop
 
     @classmethod
     def of(cls, samples: Sequence[Sample]) -> "DatasetArrays":
@@ -186,6 +187,7 @@ class DatasetArrays:
             error_offsets=np.cumsum([0] + [len(s.error_steps) for s in samples], dtype=np.int64),
             first_error=np.array([min(s.error_steps) - 1 if s.error_steps else -1 for s in samples], dtype=np.int64),
             partner_position=np.array([position.get(s.partner_id, -1) for s in samples], dtype=np.int64),
+            is_correct=[s.classification == CORRECT for s in samples],
         )
 
     def gather_errors(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

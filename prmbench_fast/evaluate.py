@@ -81,14 +81,38 @@ class Report:
 
 @dataclasses.dataclass
 class _Scored:
-    """The valid predictions, flattened into the op's inputs, in official processing order."""
+    """Valid predictions flattened into the op's inputs (one bucket: the correct samples, or the others)."""
 
-    samples: list[Sample]
-    positions: list[int]  # dataset positions of ``samples``
-    step_values: list  # flat labels (0/1) and scores
-    thresholds: list[float]
-    label_offsets: list[int]
-    fields: list[str]  # which prediction field each sample's values came from (for error messages)
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+    positions: list[int] = dataclasses.field(default_factory=list)  # dataset positions of ``samples``
+    step_values: list = dataclasses.field(default_factory=list)  # flat labels (0/1) and scores
+    thresholds: list[float] = dataclasses.field(default_factory=list)
+    label_offsets: list[int] = dataclasses.field(default_factory=lambda: [0])
+    fields: list[str] = dataclasses.field(default_factory=list)  # the prediction field each sample's values came from
+
+    def then(self, other: "_Scored") -> "_Scored":
+        """This bucket followed by ``other``, offsets shifted."""
+        shift = len(self.step_values)
+        return _Scored(
+            self.samples + other.samples,
+            self.positions + other.positions,
+            self.step_values + other.step_values,
+            self.thresholds + other.thresholds,
+            self.label_offsets + [o + shift for o in other.label_offsets[1:]],
+            self.fields + other.fields,
+        )
+
+
+@dataclasses.dataclass
+class _Collected:
+    scored: _Scored  # valid predictions, correct samples first (official processing order)
+    num_correct_valid: int
+    num_correct_predictions: int  # valid or not: the validity-rate denominator subtracts these
+    num_other_valid: int
+    predicted: np.ndarray  # bool per dataset position: a prediction was kept for it
+    invalid_ids: list[str]
+    unknown_ids: list[str]
+    duplicates: int
 
 
 def _is_mapping(value: Any) -> bool:
@@ -96,36 +120,70 @@ def _is_mapping(value: Any) -> bool:
     return type(value) is dict or isinstance(value, Mapping)
 
 
-def first_results(dataset: PRMBenchDataset, predictions) -> tuple[list[int], list[Mapping], dict[str, Any]]:
-    """Pair predictions with samples: first result per id wins, unknown ids are dropped (and counted).
+def _collect(dataset: PRMBenchDataset, predictions, validity_threshold: float, redundancy_threshold: float) -> _Collected:
+    """One pass over the predictions: pair with samples (first result per id wins, unknown ids dropped), split valid
+    from invalid, and flatten each valid prediction's scored values into the bucket of its sample kind.
 
     ``predictions`` is a mapping ``sample id -> result`` or an iterable of result dicts carrying ``idx``. A result is
     the official ``{"scores": {...}, "validity": bool}`` (``validity`` optional); a bare scores dict is accepted too.
-    Returns the dataset positions and results of the kept predictions, in prediction order, and pairing figures.
     """
     if _is_mapping(predictions):
         items: Iterable[tuple[Any, Any]] = predictions.items()
     else:
         items = ((_result_id(r, i), r) for i, r in enumerate(predictions))
-    position = dataset.position
-    positions: list[int] = []
-    results: list[Mapping] = []
+    position, samples = dataset.position, dataset.samples
+    is_correct = dataset.arrays.is_correct
+    correct, others = _Scored(), _Scored()
+    predicted = np.zeros(len(samples), dtype=bool)
     seen: set[str] = set()
     unknown: list[str] = []
-    duplicates = 0
+    invalid: list[str] = []
+    duplicates = num_correct_predictions = 0
     for sample_id, result in items:
         where = position.get(sample_id)
         if where is None:
             unknown.append(sample_id)
-        elif sample_id in seen:
+            continue
+        if sample_id in seen:
             duplicates += 1
-        elif not _is_mapping(result):
+            continue
+        if not _is_mapping(result):
             raise PredictionError(f"prediction for sample {sample_id!r}: expected a dict, got {type(result).__name__}")
+        seen.add(sample_id)
+        predicted[where] = True
+        num_correct_predictions += is_correct[where]
+        if "validity" in result and not result["validity"]:
+            invalid.append(sample_id)
+            continue
+        sample = samples[where]
+        scores = result.get("scores", result) if type(result) is dict else _scores_of(sample, result)
+        step_values = scores.get(VALIDITY_LABELS) if type(scores) is dict else None
+        # Fast path (almost every prediction): validity labels as a list, on a class without the redundancy rule.
+        if type(step_values) is list and (
+            sample.classification not in REDUNDANCY_CLASSES or REDUNDANCY_LABELS not in scores
+        ):
+            threshold, field = LABEL_THRESHOLD, VALIDITY_LABELS
         else:
-            seen.add(sample_id)
-            positions.append(where)
-            results.append(result)
-    return positions, results, {"unknown_prediction_ids": unknown, "duplicate_predictions": duplicates, "seen": seen}
+            step_values, threshold, field = _step_values(
+                sample, _scores_of(sample, result), validity_threshold, redundancy_threshold
+            )
+        bucket = correct if is_correct[where] else others
+        bucket.step_values.extend(step_values)
+        bucket.thresholds.append(threshold)
+        bucket.label_offsets.append(len(bucket.step_values))
+        bucket.fields.append(field)
+        bucket.samples.append(sample)
+        bucket.positions.append(where)
+    return _Collected(
+        scored=correct.then(others),
+        num_correct_valid=len(correct.samples),
+        num_correct_predictions=num_correct_predictions,
+        num_other_valid=len(others.samples),
+        predicted=predicted,
+        invalid_ids=invalid,
+        unknown_ids=unknown,
+        duplicates=duplicates,
+    )
 
 
 def _result_id(result: Any, position: int) -> str:
@@ -139,10 +197,6 @@ def _scores_of(sample: Sample, result: Mapping) -> Mapping:
     if not _is_mapping(scores):
         raise PredictionError(f"prediction for sample {sample.id!r}, field 'scores': expected a dict")
     return scores
-
-
-def _is_valid(result: Mapping) -> bool:
-    return "validity" not in result or bool(result["validity"])
 
 
 def _step_values(sample: Sample, scores: Mapping, validity_threshold: float, redundancy_threshold: float):
@@ -175,32 +229,6 @@ def _check_numbers(sample: Sample, field: str, values) -> None:
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
             raise PredictionError(f"prediction for sample {sample.id!r}, field {field!r}[{i}]: not a number: {v!r}")
-
-
-def _flatten(dataset: PRMBenchDataset, positions, results, validity_threshold, redundancy_threshold) -> _Scored:
-    scored = _Scored([], [], [], [], [0], [])
-    values, thresholds, offsets, fields = scored.step_values, scored.thresholds, scored.label_offsets, scored.fields
-    samples = dataset.samples
-    for where, result in zip(positions, results):
-        sample = samples[where]
-        scores = result.get("scores", result) if type(result) is dict else _scores_of(sample, result)
-        step_values = scores.get(VALIDITY_LABELS) if type(scores) is dict else None
-        # Fast path (almost every prediction): validity labels as a list, on a class without the redundancy rule.
-        if type(step_values) is list and (
-            sample.classification not in REDUNDANCY_CLASSES or REDUNDANCY_LABELS not in scores
-        ):
-            threshold, field = LABEL_THRESHOLD, VALIDITY_LABELS
-        else:
-            step_values, threshold, field = _step_values(
-                sample, _scores_of(sample, result), validity_threshold, redundancy_threshold
-            )
-        values.extend(step_values)
-        thresholds.append(threshold)
-        offsets.append(len(values))
-        fields.append(field)
-        scored.samples.append(sample)
-        scored.positions.append(where)
-    return scored
 
 
 def _values_tensor(scored: _Scored) -> torch.Tensor:
@@ -254,17 +282,9 @@ def evaluate(
         A :class:`Report`; ``report.official`` equals the official ``evaluate_function`` output (counts exactly,
         ratios to the last bit) minus its ``detailed_logs``.
     """
-    positions, results, pairing = first_results(dataset, predictions)
+    collected = _collect(dataset, predictions, validity_threshold, redundancy_threshold)
+    scored = collected.scored
     arrays = dataset.arrays
-    is_correct = (arrays.class_ids[np.array(positions, dtype=np.int64)] == CLASS_ID[CORRECT]).tolist()
-    valid = [_is_valid(r) for r in results]
-    # The official evaluator scores every correct sample before the others (similarity needs their values).
-    order = [i for i, c in enumerate(is_correct) if c and valid[i]] + [i for i, c in enumerate(is_correct) if not c and valid[i]]
-    num_correct_valid = sum(1 for i, c in enumerate(is_correct) if c and valid[i])
-    scored = _flatten(
-        dataset, [positions[i] for i in order], [results[i] for i in order], validity_threshold, redundancy_threshold
-    )
-
     scored_positions = np.array(scored.positions, dtype=np.int64)
     error_steps, error_offsets = arrays.gather_errors(scored_positions)
     cu_labels = torch.tensor(scored.label_offsets, dtype=torch.int64)
@@ -279,16 +299,14 @@ def evaluate(
         backend=backend,
     )
     label_counts = cu_labels[1:] - cu_labels[:-1]
-    num_correct = sum(is_correct)
     official = _official_result(
-        dataset, scored, class_counts, sample_counts, label_counts, num_correct_valid=num_correct_valid,
-        total_num=len(dataset) - num_correct, valid_num=sum(1 for i, c in enumerate(is_correct) if not c and valid[i]),
+        dataset, scored, class_counts, sample_counts, label_counts, num_correct_valid=collected.num_correct_valid,
+        total_num=len(dataset) - collected.num_correct_predictions, valid_num=collected.num_other_valid,
     )
-    invalid = [dataset.samples[p].id for p, ok in zip(positions, valid) if not ok]
     return Report(
         official=official,
         table=metrics.leaderboard_table(official),
-        diagnostics=_diagnostics(dataset, len(positions), pairing, invalid, scored_positions, label_counts),
+        diagnostics=_diagnostics(dataset, collected, scored_positions, label_counts),
         sample_ids=[s.id for s in scored.samples],
         sample_counts=sample_counts,
         class_counts=class_counts,
@@ -346,21 +364,20 @@ def _official_result(dataset, scored, class_counts, sample_counts, label_counts,
     }
 
 
-def _diagnostics(dataset, predictions_used, pairing, invalid, scored_positions, label_counts) -> dict[str, Any]:
+def _diagnostics(dataset, collected: _Collected, scored_positions, label_counts) -> dict[str, Any]:
     arrays = dataset.arrays
     step_counts = arrays.step_counts[scored_positions]
     first_errors = arrays.first_error[scored_positions]
     n_labels = label_counts.cpu().numpy()
     short = n_labels < step_counts
     long = n_labels > step_counts
-    seen = pairing["seen"]
     return {
         "samples": len(dataset),
-        "predictions_used": predictions_used,
-        "missing_ids": [s.id for s in dataset.samples if s.id not in seen],
-        "unknown_prediction_ids": pairing["unknown_prediction_ids"],
-        "duplicate_predictions": pairing["duplicate_predictions"],
-        "invalid_predictions": invalid,
+        "predictions_used": int(collected.predicted.sum()),
+        "missing_ids": [dataset.samples[i].id for i in np.flatnonzero(~collected.predicted).tolist()],
+        "unknown_prediction_ids": collected.unknown_ids,
+        "duplicate_predictions": collected.duplicates,
+        "invalid_predictions": collected.invalid_ids,
         "samples_with_fewer_labels_than_steps": int(short.sum()),
         "steps_left_unscored": int((step_counts - n_labels)[short].sum()),
         "samples_with_more_labels_than_steps": int(long.sum()),
