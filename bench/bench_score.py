@@ -1,0 +1,131 @@
+"""End-to-end benchmark of score() against an official-style evaluation loop, on the same samples, in one run.
+
+Official style (what the PRMBench toolkit does): samples in data order, batches of 2 with right padding, the full
+causal-LM forward with logits over the whole vocabulary for every token, the reward read from those logits at the
+reward positions, labels and the evaluator in Python loops. score(): packed variable-length batches, the backbone
+only, rewards from the hidden states at the reward positions, the compiled counting op. Also timed: a backbone-only
+forward over the same packed batches, which is the floor for score() on this machine.
+
+Models: the embedded default SmolLM2-135M-Instruct as ``lm_judge``, and a tiny random Llama with the same family.
+Prints one table with tokens/s, the ratios and whether the PRMScores are identical.
+Usage: python bench/bench_score.py [--data PATH] [--limit-per-class N] [--skip-smollm2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import environment_line  # noqa: E402
+from official_oracle import evaluate_official  # noqa: E402
+from tiny_models import tiny_llama, train_tokenizer  # noqa: E402
+
+from prmbench_fast import load_prmbench  # noqa: E402
+from prmbench_fast.families.lm_judge import LMJudge  # noqa: E402
+from prmbench_fast.metrics import leaderboard_table  # noqa: E402
+from prmbench_fast.packing import backbone_hidden_states  # noqa: E402
+from prmbench_fast.score import score  # noqa: E402
+from prmbench_fast.token_cache import packed_batches  # noqa: E402
+
+MAX_LENGTH = 2048
+
+
+def official_style(model, tokenizer, dataset, family: LMJudge, batch_size: int = 2):
+    """Right-padded batches of 2 in data order, full logits, rewards and labels in Python, the official evaluator."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plus, minus = family.verdict_ids
+    results, tokens = [], 0
+    samples = list(dataset)
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            encoded = [family.encode(s) for s in chunk]
+            ids = [e.input_ids[:MAX_LENGTH] for e in encoded]
+            width = max(len(i) for i in ids)
+            input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (2, width, V): every token, every word
+            probs = logits[..., [plus, minus]].softmax(-1)[..., 0]
+            for sample, e, row in zip(chunk, encoded, probs):
+                rewards = [row[p].item() for p in e.reward_pos if p < MAX_LENGTH]
+                results.append({"idx": sample.id, "scores": {
+                    "step_level_validity_scores": rewards,
+                    "step_level_validity_labels": [r > 0.5 for r in rewards],
+                }})
+            tokens += sum(len(i) for i in ids)
+    oracle_samples = [{"idx": s.id, "steps": list(s.steps), "error_steps": list(s.error_steps),
+                       "classification": s.classification} for s in dataset]
+    official, _ = evaluate_official(results, oracle_samples)
+    return official, tokens
+
+
+def backbone_only(model, family, dataset, batch_tokens):
+    batches = packed_batches(family, dataset, range(len(dataset)), max_length=MAX_LENGTH, batch_tokens=batch_tokens)
+    with torch.inference_mode():
+        for batch in batches:
+            backbone_hidden_states(model, batch)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def compare(label, model, tokenizer, dataset, batch_tokens):
+    family = LMJudge(tokenizer)
+    report, t_score = timed(lambda: score(model, dataset, tokenizer=tokenizer, family="lm_judge", progress=False,
+                                         batch_tokens=batch_tokens))
+    (official, tokens), t_official = timed(lambda: official_style(model, tokenizer, dataset, family))
+    _, t_backbone = timed(lambda: backbone_only(model, family, dataset, batch_tokens))
+    ours, theirs = report.table["Overall"], leaderboard_table(official)["Overall"]
+    return [
+        (label, "official style (pad 2, full logits)", tokens, t_official, t_official, theirs),
+        (label, "score()", report.run["tokens"], t_score, t_official, ours),
+        (label, "backbone-only forward (floor)", report.run["tokens"], t_backbone, t_official, None),
+    ], ours == theirs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "prmbench" / "prmbench_preview.jsonl"))
+    parser.add_argument("--limit-per-class", type=int, default=2)
+    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--skip-smollm2", action="store_true")
+    args = parser.parse_args()
+
+    dataset = load_prmbench(args.data, limit_per_class=args.limit_per_class)
+    rows, identical = [], {}
+    texts = [s.question for s in dataset] + [t for s in dataset for t in s.steps]
+    tok = train_tokenizer(texts + ["Verdict: + -"])
+    tiny = tiny_llama(len(tok), hidden=256, layers=4)
+    tiny_rows, identical["tiny Llama"] = compare("tiny Llama", tiny, tok, dataset, args.batch_tokens)
+    rows += tiny_rows
+    if not args.skip_smollm2:
+        from prmbench_fast.models import load_default_model
+
+        model, tokenizer = load_default_model()
+        smol_rows, identical["SmolLM2-135M"] = compare("SmolLM2-135M", model, tokenizer, dataset, args.batch_tokens)
+        rows += smol_rows
+
+    print(environment_line())
+    print(f"{len(dataset)} PRMBench samples ({args.limit_per_class} per class + partners), lm_judge family, fp32\n")
+    print(f"{'model':<14}{'provider':<38}{'tokens':>8}{'time (s)':>10}{'tokens/s':>10}{'speed-up':>10}{'PRMScore':>10}")
+    for model_name, provider, tokens, seconds, baseline, prm in rows:
+        prm_text = "" if prm is None else f"{prm:.4f}"
+        print(f"{model_name:<14}{provider:<38}{tokens:>8}{seconds:>10.2f}{tokens / seconds:>10.0f}"
+              f"{baseline / seconds:>9.2f}x{prm_text:>10}")
+    for model_name, same in identical.items():
+        print(f"{model_name}: PRMScore of score() and the official-style loop {'identical' if same else 'DIFFERENT'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""What a PRM family is: how a sample becomes tokens, where and how step rewards are read, how rewards become labels.
+
+A family reproduces one official PRMBench adapter (SPEC §3) exactly, quirks included, but reads rewards only at the
+reward positions, from the backbone's final hidden states (``prmbench_fast.packing``), never through (T × V) logits.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+from typing import Any, ClassVar
+
+import torch
+
+from ..data import Sample
+
+
+class FamilyError(ValueError):
+    """A family cannot handle this model, tokenizer or sample; the message names the family (and the sample)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One sample, tokenized as the official adapter tokenizes it, before the ``max_length`` truncation.
+
+    ``reward_pos`` are the local token positions where the family reads a reward, one per emitted score, in order.
+    A family that emits N+1 scores for N steps (Skywork, Llemma) has N+1 positions here, as the official code does.
+    """
+
+    input_ids: list[int]
+    reward_pos: list[int]
+
+
+class Family(abc.ABC):
+    """Base class of every PRM family. Subclasses set the class attributes and implement the three methods.
+
+    The instance is bound to one tokenizer (token ids of separators and tags depend on it) and to the options the
+    user passed through ``score(**family_options)``.
+    """
+
+    #: Registry name (``score(family=name)``).
+    name: ClassVar[str]
+    #: transformers auto class that loads a checkpoint of this family from a path.
+    auto_class: ClassVar[str] = "AutoModelForCausalLM"
+    #: Official default thresholds (SPEC §3): label = score > threshold.
+    validity_threshold: ClassVar[float] = 0.5
+    #: Families that also emit redundancy scores (ReasonEval) set this; None otherwise.
+    redundancy_threshold: ClassVar[float | None] = None
+    #: Families whose official encoding itself depends on the truncation length take a ``max_length`` option;
+    #: ``score()`` then passes its own ``max_length``, so the two cuts cannot disagree.
+    takes_max_length: ClassVar[bool] = False
+
+    def __init__(self, tokenizer: Any, **options: Any):
+        self.tokenizer = tokenizer
+        self.options = options
+
+    # -- input ------------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode(self, sample: Sample) -> Encoded:
+        """Token ids and reward positions of ``sample`` exactly as the official adapter builds them.
+
+        Raises :class:`FamilyError` naming the family and ``sample.id`` when the tokenizer breaks the family's
+        assumptions (e.g. a separator merged into neighbouring text so that it is not found where expected).
+        """
+
+    # -- rewards ----------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def step_scores(
+        self, model: torch.nn.Module, hidden: torch.Tensor, step_pos: torch.Tensor, *, backend: str = "auto"
+    ) -> dict[str, torch.Tensor]:
+        """The official step scores at the reward positions of a packed batch.
+
+        Args:
+            model: the PRM (its heads are read from it; its backbone already produced ``hidden``).
+            hidden: (T, H), the backbone's final hidden states (``packing.backbone_hidden_states``).
+            step_pos: (S,) int64, global token indices of the reward positions.
+            backend: kernel backend for ``prmbench_fast.kernels.step_reward``.
+
+        Returns:
+            ``{"validity": (S,) float32}`` and, for families with redundancy scores, ``"redundancy": (S,) float32``:
+            the values the official adapter stores as ``step_level_validity_scores`` / ``_redundancy_scores``.
+        """
+
+    # -- labels -----------------------------------------------------------------------------------------------------
+    def step_labels(self, scores: dict[str, torch.Tensor], cu_steps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Labels from scores, on the scores' device, without host syncs. Default: strict ``score > threshold``.
+
+        Args:
+            scores: the output of :meth:`step_scores`.
+            cu_steps: (B+1,) int32, per-sample offsets into the S scores (for rules that look at neighbours).
+
+        Returns:
+            ``{"validity": (S,) bool}`` (+ ``"redundancy"`` when scored): ``step_level_validity_labels`` etc.
+        """
+        labels = {"validity": scores["validity"] > self.validity_threshold}
+        if "redundancy" in scores:
+            labels["redundancy"] = scores["redundancy"] > self.redundancy_threshold
+        return labels
+
+    # -- selection and caching ---------------------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, config: Any, name_or_path: str) -> bool:
+        """Whether ``family="auto"`` should pick this family for a model with this config and name."""
+        return False
+
+    def cache_key(self) -> str:
+        """Identifies the token ids :meth:`encode` produces: family, options, tokenizer vocabulary and specials."""
+        if getattr(self, "_cache_key", None) is None:
+            self._cache_key = self._fingerprint()
+        return self._cache_key
+
+    def _fingerprint(self) -> str:
+        tok = self.tokenizer
+        fingerprint = {
+            "family": self.name,
+            "options": {k: repr(v) for k, v in sorted(self.options.items())},
+            "tokenizer": type(tok).__name__,
+            # The whole vocabulary, not its size: a retrained tokenizer of the same size maps text differently.
+            "vocab": sorted(tok.get_vocab().items()),
+            "specials": repr(getattr(tok, "all_special_tokens", [])),
+            "chat_template": getattr(tok, "chat_template", None) or "",
+        }
+        return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]

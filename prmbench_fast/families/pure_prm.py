@@ -1,0 +1,92 @@
+"""PURE: jinachris/Qwen2.5-Math-7B-PRM800K (PRMBench adapter ``mr_eval/models/pure_prm.py``, SPEC §3 and §7.3).
+
+Input: token ids concatenated, every piece tokenized on its own without special tokens and without a chat template:
+``tok(question) + tok(step_1) + tok("\\n\\n") + tok(step_2) + tok("\\n\\n") + ...``. The steps are the raw strings of
+the data: no ``remove_step_prefix``, not even stripped, and nothing separates the question from step 1.
+
+Rewards: at the "\\n\\n" token appended after each step, the 2-label token-classification head ``score`` gives
+softmax probabilities (p0, p1); the step score is p1 - p0 in [-1, 1]. Label: score > 0.0.
+
+The official code requires "\\n\\n" to be a single token (it calls ``.item()`` on its ids and asserts that every masked
+input id equals it); :class:`PurePRMFamily` raises :class:`FamilyError` otherwise.
+
+Precision: the official run is bf16 (softmax of bf16 logits, difference of bf16 probabilities). By default the head
+and softmax run in fp32; ``official_rounding=True`` rounds the logits, the probabilities and their difference to the
+model's dtype as the bf16 run does (SPEC §2.6 item 9).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..data import Sample
+from ..kernels.step_reward import gather_step_hidden, step_rewards
+from .base import Encoded, Family, FamilyError
+
+STEP_SEPARATOR = "\n\n"
+_NAME_MARKERS = ("qwen2.5-math-7b-prm800k", "pure-prm")
+
+
+class PurePRMFamily(Family):
+    """PURE (Qwen2ForTokenClassification, 2 labels). Options: ``official_rounding`` (bool, default False)."""
+
+    name = "pure_prm"
+    auto_class = "AutoModelForTokenClassification"
+    validity_threshold = 0.0
+
+    def __init__(self, tokenizer: Any, **options: Any):
+        unknown = set(options) - {"official_rounding"}
+        if unknown:
+            raise FamilyError(f"pure_prm: unknown options {sorted(unknown)}; known: official_rounding")
+        super().__init__(tokenizer, **options)
+        self.official_rounding = bool(options.get("official_rounding", False))
+        ids = self._tokens(STEP_SEPARATOR)
+        if len(ids) != 1:
+            raise FamilyError(
+                f"pure_prm: the tokenizer encodes the step separator {STEP_SEPARATOR!r} as {len(ids)} tokens "
+                f"({ids}); the official code needs exactly one"
+            )
+        self.separator_id = ids[0]
+
+    def _tokens(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @classmethod
+    def load_model(cls, name_or_path: str, **from_pretrained_kwargs: Any) -> torch.nn.Module:
+        """The checkpoint loaded with ``AutoModelForTokenClassification``, as the official adapter loads it."""
+        from transformers import AutoModelForTokenClassification
+
+        return AutoModelForTokenClassification.from_pretrained(name_or_path, **from_pretrained_kwargs)
+
+    @classmethod
+    def matches(cls, config: Any, name_or_path: str) -> bool:
+        lowered = str(name_or_path).lower()
+        if not any(marker in lowered for marker in _NAME_MARKERS):
+            return False
+        architectures = getattr(config, "architectures", None)
+        # A config that names another architecture is not a PURE checkpoint, whatever its name says.
+        return not architectures or "Qwen2ForTokenClassification" in architectures
+
+    def encode(self, sample: Sample) -> Encoded:
+        ids = self._tokens(sample.question)
+        reward_pos = []
+        for step in sample.steps:
+            ids.extend(self._tokens(step))
+            reward_pos.append(len(ids))
+            ids.append(self.separator_id)
+        return Encoded(input_ids=ids, reward_pos=reward_pos)
+
+    def step_scores(
+        self, model: torch.nn.Module, hidden: torch.Tensor, step_pos: torch.Tensor, *, backend: str = "auto"
+    ) -> dict[str, torch.Tensor]:
+        head = model.score
+        dtype = head.weight.dtype
+        if self.official_rounding and dtype != torch.float32:
+            # bf16 logits -> softmax (fp32 inside, bf16 out) -> bf16 difference, as the official bf16 run.
+            logits = head(gather_step_hidden(hidden, step_pos).to(dtype))
+            probs = torch.softmax(logits.float(), dim=-1).to(dtype)
+            return {"validity": (probs[:, 1] - probs[:, 0]).float()}
+        probs = step_rewards(hidden, step_pos, head.weight, head.bias, activation="softmax", backend=backend)
+        return {"validity": probs[:, 1] - probs[:, 0]}

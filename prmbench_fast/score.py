@@ -1,0 +1,233 @@
+"""``score()``: a PRM (a checkpoint path or a live module) in, the PRMBench report out.
+
+Pipeline: each sample is tokenized with its family's template (cached), samples are packed into variable-length
+batches (``prmbench_fast.packing``), the backbone runs once per batch without its LM head, the family reads step
+rewards at the reward positions only (``prmbench_fast.kernels.step_reward``) and turns them into labels with its
+official rule, and the evaluator scores the labels with the counting op (``prmbench_fast.evaluate``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import torch
+
+from .data import PRMBenchDataset, load_prmbench
+from .evaluate import Report, evaluate
+from .families import Family, detect_family, family_class
+from .io import write_json_atomic, write_text_atomic
+from .packing import PackedBatch, backbone_hidden_states
+from .results_store import ResultsStore
+from .token_cache import packed_batches
+
+SCORE_FIELDS = {"validity": "step_level_validity_scores", "redundancy": "step_level_redundancy_scores"}
+LABEL_FIELDS = {"validity": "step_level_validity_labels", "redundancy": "step_level_redundancy_labels"}
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / FSDP(1) / DataParallel-style wrappers (they keep it as ``.module``)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or type(model).__name__)
+
+
+def _load(model: str | os.PathLike, family: str, tokenizer, dtype, device):
+    """Load a checkpoint folder (offline files) with the class its family uses."""
+    import transformers
+
+    path = os.fspath(model)
+    config = transformers.AutoConfig.from_pretrained(path)
+    name = family if family != "auto" else detect_family(config, path)
+    cls = family_class(name)
+    loaded = cls.load_model(path, dtype=dtype or torch.float32) if hasattr(cls, "load_model") else getattr(
+        transformers, cls.auto_class
+    ).from_pretrained(path, dtype=dtype or torch.float32)
+    if tokenizer is None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return loaded.to(device or "cpu"), tokenizer, name
+
+
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module):
+    """Eval mode and no autograd for the duration, whatever mode the (possibly training) model was in."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _batch_results(dataset: PRMBenchDataset, batch: PackedBatch, scores, labels) -> list[dict[str, Any]]:
+    """Official result lines for the samples of one batch (one device-to-host copy per tensor)."""
+    host_scores = {k: v.float().cpu().tolist() for k, v in scores.items()}
+    host_labels = {k: v.cpu().tolist() for k, v in labels.items()}
+    results = []
+    start = 0
+    for position, count in zip(batch.sample_keys, batch.num_rewards):
+        end = start + count
+        fields = {SCORE_FIELDS[k]: v[start:end] for k, v in host_scores.items()}
+        fields.update({LABEL_FIELDS[k]: v[start:end] for k, v in host_labels.items()})
+        results.append({"idx": dataset.samples[position].id, "scores": fields})
+        start = end
+    return results
+
+
+class _Progress:
+    """Tokens/s and ETA on stderr (rank 0 only)."""
+
+    def __init__(self, total_tokens: int, enabled: bool):
+        self.bar = None
+        if enabled and total_tokens:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="prmbench", dynamic_ncols=True)
+
+    def update(self, tokens: int) -> None:
+        if self.bar is not None:
+            self.bar.update(tokens)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def score(
+    model: torch.nn.Module | str | os.PathLike,
+    dataset: PRMBenchDataset | None = None,
+    *,
+    tokenizer: Any = None,
+    family: str = "auto",
+    max_length: int = 2048,
+    batch_tokens: int = 16384,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    backend: str = "auto",
+    output_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **family_options: Any,
+) -> Report:
+    """Evaluate a process reward model on PRMBench.
+
+    Args:
+        model: a checkpoint folder (loaded offline with the family's model class), or a live ``nn.Module`` — e.g. the
+            policy/PRM in the middle of training. A live model is used as it is (its device and dtype; DDP/FSDP-style
+            wrappers are unwrapped), run in eval mode under ``torch.inference_mode`` and put back in its previous
+            mode; its weights are never copied or reloaded.
+        dataset: the evaluation set (default: ``load_prmbench()``; pass a subset for quick checks).
+        tokenizer: the model's tokenizer (default: loaded from the checkpoint folder).
+        family: a name from ``prmbench_fast.families.FAMILY_NAMES``, or "auto" (from the model's config and name).
+        max_length: official truncation: the first ``max_length`` tokens of each sample are kept, rewards past them
+            vanish (PRMBench uses 2048).
+        batch_tokens: tokens per packed batch (bounds activation memory; attention cost is per sample).
+        dtype, device: for a model loaded from a path (default float32 on CPU).
+        backend: kernel backend for the reward heads ("auto": Triton on CUDA, torch on CPU).
+        output_dir: write per-sample results as they finish, the report and the table there; re-running with the
+            same folder skips finished samples.
+        cache_dir: keep tokenized samples on disk (safetensors) across processes; in-memory caching is always on.
+        progress: show a progress bar with tokens/s and ETA.
+        **family_options: passed to the family (e.g. ``separator=``/``reward_tokens=`` for ``generic``).
+
+    Returns:
+        The :class:`~prmbench_fast.evaluate.Report` of ``evaluate()`` on the model's predictions, plus ``report.run``
+        (tokens, samples, seconds, tokens/s, truncation) and ``report.predictions`` (every sample's official result).
+
+    Under ``torch.distributed`` every rank scores a disjoint shard and all ranks return the same report.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        model, tokenizer, family = _load(model, family, tokenizer, dtype, device)
+    else:
+        model = unwrap_model(model)
+        if tokenizer is None:
+            raise ValueError("score() on a live model needs its tokenizer: pass tokenizer=")
+        if family == "auto":
+            family = detect_family(getattr(model, "config", None), _model_name(model))
+    cls = family_class(family)
+    if cls.takes_max_length:
+        family_options["max_length"] = max_length
+    fam: Family = cls(tokenizer, **family_options)
+    dataset = dataset if dataset is not None else load_prmbench()
+    rank, world = _dist()
+
+    store = None
+    finished: dict[str, Any] = {}
+    if output_dir is not None:
+        run_config = {"model": _model_name(model), "family": fam.name, "cache_key": fam.cache_key(),
+                      "max_length": max_length, "samples": len(dataset)}
+        store = ResultsStore(output_dir, run_config, rank=rank)
+        finished = store.finished()
+    todo = [i for i, s in enumerate(dataset.samples) if s.id not in finished][rank::world]
+
+    batches = packed_batches(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens, cache_dir=cache_dir)
+    device = next(model.parameters()).device
+    bar = _Progress(sum(b.num_tokens for b in batches), progress and rank == 0)
+    start = time.perf_counter()
+    new_results: list[dict[str, Any]] = []
+    pending = []  # device outputs of batches not yet copied to the host (only without an output_dir)
+    try:
+        with _inference(model):
+            for batch in batches:
+                on_device = batch.to(device)
+                hidden = backbone_hidden_states(model, on_device)
+                scores = fam.step_scores(model, hidden, on_device.step_pos, backend=backend)
+                labels = fam.step_labels(scores, on_device.cu_steps)
+                if store is not None:
+                    results = _batch_results(dataset, batch, scores, labels)
+                    store.append(results)
+                    new_results.extend(results)
+                else:
+                    pending.append((batch, scores, labels))
+                bar.update(batch.num_tokens)
+        for batch, scores, labels in pending:
+            new_results.extend(_batch_results(dataset, batch, scores, labels))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+
+    if world > 1:
+        gathered: list[list[dict[str, Any]]] = [[] for _ in range(world)]
+        torch.distributed.all_gather_object(gathered, new_results)
+        new_results = [r for part in gathered for r in part]
+    predictions = dict(finished)
+    for result in new_results:
+        predictions.setdefault(result["idx"], result)
+    ordered = {s.id: predictions[s.id] for s in dataset.samples if s.id in predictions}
+
+    report = evaluate(dataset, ordered)
+    tokens = sum(b.num_tokens for b in batches)
+    report.run = {
+        "family": fam.name,
+        "model": _model_name(model),
+        "samples_scored": len(todo),
+        "samples_resumed": len(finished),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "samples_per_second": len(todo) / seconds if seconds > 0 else None,
+        "truncated_samples": sum(1 for b in batches for dropped in b.dropped_rewards if dropped),
+        "rewards_lost_to_truncation": sum(sum(b.dropped_rewards) for b in batches),
+        "world_size": world,
+    }
+    report.predictions = ordered
+    if store is not None and rank == 0:
+        write_json_atomic(store.dir / "report.json", {"official": report.official, "table": report.table,
+                                                       "diagnostics": report.diagnostics, "run": report.run})
+        write_text_atomic(store.dir / "table.txt", report.format_table() + "\n")
+    return report

@@ -1,0 +1,230 @@
+"""The qwen_prm family against the official ``mr_eval/models/qwen_prm.py`` construction, written out plainly here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config
+
+from prmbench_fast.data import Sample
+from prmbench_fast.families import FamilyError, family_class
+from prmbench_fast.families.qwen_prm import Qwen2ForProcessRewardModel, QwenPRMFamily
+from prmbench_fast.packing import TokenizedSample, backbone_hidden_states, pack_batches
+
+QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
+
+
+def _tokenizer(specials=SPECIALS, template=QWEN_TEMPLATE) -> PreTrainedTokenizerFast:
+    corpus = [
+        "Please reason step by step, and put your final answer within \x08oxed{}.",
+        "What is 0.15 of 20? The rate is 15 percent. We get 3. So the answer is 3.",
+        "system user assistant\n",
+    ] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = template
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _tokenizer()
+
+
+def _sample(i: int, question: str, steps: tuple[str, ...]) -> Sample:
+    return Sample(id=f"correct_t{i}", question=question, steps=steps, error_steps=(), classification="correct",
+                  source_idx=f"t{i}")
+
+
+SAMPLES = [
+    _sample(0, "What is 0.15 of 20?", ("Step 1. The rate is 15 percent.", "0.15 * 20 = 3", "", "Step 3. We get\n\n3.")),
+    _sample(1, "Short?", ("Yes.",)),
+    _sample(2, "A longer question: what is 3 + 3 + 3 + 3?",
+            ("  1. Add 3 and 3 to get 6. ", "Step 2: 6 + 6 = 12", "64.")),
+]
+
+
+# -- the official construction, written out ---------------------------------------------------------------------------
+def official_text(sample: Sample) -> str:
+    """``getitem_function``: remove_step_prefix, join with "<extra_0>", the three-turn chat, rendered, not tokenized."""
+    # remove_step_prefix of these hand-made steps, spelled out.
+    cleaned = {
+        "Step 1. The rate is 15 percent.": "The rate is 15 percent.",
+        "0.15 * 20 = 3": "15 * 20 = 3",
+        "": "",
+        "Step 3. We get\n\n3.": "We get\n\n3.",
+        "Yes.": "Yes.",
+        "  1. Add 3 and 3 to get 6. ": "Add 3 and 3 to get 6.",
+        "Step 2: 6 + 6 = 12": "Step 2: 6 + 6 = 12",
+        "64.": "",
+    }
+    steps = "".join(cleaned[s] + "<extra_0>" for s in sample.steps)
+    return (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \x08oxed{}.<|im_end|>\n"
+        f"<|im_start|>user\n{sample.question}<|im_end|>\n<|im_start|>assistant\n{steps}<|im_end|>\n"
+    )
+
+
+def official_ids(tokenizer, sample: Sample) -> tuple[list[int], int]:
+    separator_id = tokenizer.encode("<extra_0>")[0]
+    return tokenizer.encode(official_text(sample)), separator_id
+
+
+def official_scores(model, input_ids: list[int], separator_id: int) -> list[float]:
+    """``respond`` + ``make_step_rewards`` for one unpadded sample: full forward, probs * mask, drop zeros."""
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        logits = model(ids, torch.ones_like(ids))
+    probs = F.softmax(logits, dim=-1) * (ids == separator_id).unsqueeze(-1)
+    sample = probs[0]
+    return sample[sample != 0].view(-1, 2)[:, 1].tolist()
+
+
+# -- input ------------------------------------------------------------------------------------------------------------
+def test_text_is_the_official_string(tokenizer):
+    family = QwenPRMFamily(tokenizer)
+    for sample in SAMPLES:
+        assert family.build_text(sample) == official_text(sample)
+    # The backspace character, not a backslash: the official literal was not a raw string.
+    assert "\x08oxed{}" in family.build_text(SAMPLES[0]) and "\\boxed" not in family.build_text(SAMPLES[0])
+
+
+def test_ids_and_reward_positions(tokenizer):
+    family = QwenPRMFamily(tokenizer)
+    for sample in SAMPLES:
+        ids, separator_id = official_ids(tokenizer, sample)
+        encoded = family.encode(sample)
+        assert encoded.input_ids == ids
+        assert encoded.reward_pos == [i for i, t in enumerate(ids) if t == separator_id]
+        assert len(encoded.reward_pos) == len(sample.steps)
+    assert tokenizer.convert_ids_to_tokens(family.separator_id) == "<extra_0>"
+
+
+# -- scores and labels ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+    )
+    prm = Qwen2ForProcessRewardModel(config).eval()
+    # A random head gives nearly the same score at every separator: spread the scores and centre them on the
+    # threshold (median logit gap 0) so that both labels occur.
+    with torch.no_grad():
+        prm.score[2].weight.mul_(300.0)
+        probs = torch.tensor([p for s in SAMPLES for p in official_scores(prm, *official_ids(tokenizer, s))])
+        prm.score[2].bias[1] -= torch.quantile(torch.logit(probs.double()), 0.5).float()
+    return prm
+
+
+def _packed_scores(family, model, encoded, *, max_length=2048, batch_tokens=4096):
+    samples = [TokenizedSample(e.input_ids, e.reward_pos, key=i) for i, e in enumerate(encoded)]
+    out = {}
+    for batch in pack_batches(samples, max_length=max_length, batch_tokens=batch_tokens):
+        hidden = backbone_hidden_states(model, batch)
+        scores = family.step_scores(model, hidden, batch.step_pos, backend="torch")
+        labels = family.step_labels(scores, batch.cu_steps)
+        assert scores["validity"].dtype == torch.float32 and labels["validity"].dtype == torch.bool
+        cu = batch.cu_steps.tolist()
+        for b, key in enumerate(batch.sample_keys):
+            out[key] = (scores["validity"][cu[b]:cu[b + 1]], labels["validity"][cu[b]:cu[b + 1]])
+    return out
+
+
+def test_packed_scores_equal_the_official_reading(tokenizer, model):
+    family = QwenPRMFamily(tokenizer)
+    encoded = [family.encode(s) for s in SAMPLES]
+    got = _packed_scores(family, model, encoded, batch_tokens=10_000)  # all three samples in one packed row
+    for i, sample in enumerate(SAMPLES):
+        ids, separator_id = official_ids(tokenizer, sample)
+        expected = torch.tensor(official_scores(model, ids, separator_id))
+        scores, labels = got[i]
+        # fp32 both ways; packed per-segment attention vs one full forward differ by ~1e-6 in the hidden states
+        # (TOOLCHAIN.md), and a softmax probability moves by at most that times the head's gain.
+        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+        assert torch.equal(labels, torch.tensor([s > 0.5 for s in expected.tolist()]))
+    all_labels = torch.cat([got[i][1] for i in range(len(SAMPLES))])
+    assert all_labels.any() and not all_labels.all(), "the test model should give both labels"
+
+
+def test_truncation_drops_late_separators_like_the_collator(tokenizer, model):
+    family = QwenPRMFamily(tokenizer)
+    sample = SAMPLES[0]
+    encoded = family.encode(sample)
+    max_length = encoded.reward_pos[1] + 1  # keeps the first two separators only (step 3 is empty: the third is next)
+    got = _packed_scores(family, model, [encoded], max_length=max_length)
+    ids, separator_id = official_ids(tokenizer, sample)
+    expected = official_scores(model, ids[:max_length], separator_id)  # the collator cuts the ids, then the mask
+    assert len(expected) == 2
+    torch.testing.assert_close(got[0][0], torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_official_rounding_gives_bf16_probabilities(tokenizer, model):
+    """With a bf16 head: the official ``F.softmax`` of bf16 logits, exactly."""
+    family = QwenPRMFamily(tokenizer, official_rounding=True)
+    head_model = Qwen2ForProcessRewardModel(model.config).eval()
+    head_model.load_state_dict(model.state_dict())
+    head_model.to(torch.bfloat16)
+    torch.manual_seed(1)
+    hidden = torch.randn(20, model.config.hidden_size).to(torch.bfloat16)
+    step_pos = torch.tensor([0, 5, 19])
+    got = family.step_scores(head_model, hidden, step_pos)["validity"]
+    with torch.no_grad():
+        expected = F.softmax(head_model.score(hidden), dim=-1)[step_pos, 1].float()
+    assert torch.equal(got, expected)
+    exact = QwenPRMFamily(tokenizer).step_scores(head_model, hidden, step_pos)["validity"]
+    torch.testing.assert_close(exact, expected, atol=2**-8, rtol=0)  # within a bf16 ulp or two of the official
+
+
+def test_checkpoint_keys_round_trip(tmp_path, model):
+    keys = set(model.state_dict())
+    assert {"score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias"} <= keys
+    assert all(k.startswith(("model.", "score.")) for k in keys)
+    model.save_pretrained(tmp_path)
+    loaded = QwenPRMFamily.load_model(str(tmp_path))
+    assert isinstance(loaded, Qwen2ForProcessRewardModel)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+# -- selection and errors ---------------------------------------------------------------------------------------------
+def test_registry_and_matches():
+    assert family_class("qwen_prm") is QwenPRMFamily
+    prm_config = Qwen2Config(architectures=["Qwen2ForProcessRewardModel"])
+    assert QwenPRMFamily.matches(prm_config, "/local/checkpoint")
+    assert QwenPRMFamily.matches(None, "Qwen/Qwen2.5-Math-PRM-7B")
+    assert QwenPRMFamily.matches(None, "Qwen/Qwen2.5-Math-PRM-72B")
+    lm_config = Qwen2Config(architectures=["Qwen2ForCausalLM"])
+    assert not QwenPRMFamily.matches(lm_config, "Qwen/Qwen2.5-Math-7B-Instruct")
+    assert not QwenPRMFamily.matches(Qwen2Config(architectures=["Qwen2ForTokenClassification"]),
+                                     "jinachris/Qwen2.5-Math-7B-PRM800K")
+    assert not QwenPRMFamily.matches(Qwen2Config(architectures=["Qwen2ForPrmModel"]),
+                                     "Skywork/Skywork-o1-Open-PRM-Qwen-2.5-7B")
+
+
+def test_errors_name_the_family_and_sample(tokenizer):
+    with pytest.raises(FamilyError, match="qwen_prm.*<extra_0>"):
+        QwenPRMFamily(_tokenizer(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    with pytest.raises(FamilyError, match="qwen_prm.*chat template"):
+        QwenPRMFamily(_tokenizer(template=None))
+    with pytest.raises(FamilyError, match="qwen_prm.*unknown options"):
+        QwenPRMFamily(tokenizer, size="7B")
+    family = QwenPRMFamily(tokenizer)
+    bad = _sample(9, "q", ("a step that spells <extra_0> itself",))
+    with pytest.raises(FamilyError, match="qwen_prm.*correct_t9.*2 '<extra_0>' tokens for 1 steps"):
+        family.encode(bad)
