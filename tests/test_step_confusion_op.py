@@ -207,11 +207,12 @@ def test_non_contiguous_inputs():
 
 
 def test_parallel_chunks_match_oracle():
-    # More samples than one parallel_for chunk (512), so several threads write rows and the class sum spans chunks.
+    # More samples than two parallel_for chunks (kSamplesPerTask = 16,384 in step_confusion_cpu.cpp), so several
+    # threads write rows and the class sum spans chunks.
     generator = torch.Generator().manual_seed(0)
     samples = []
-    for b in range(3000):
-        num_labels = int(torch.randint(0, 20, (1,), generator=generator))
+    for b in range(40_000):
+        num_labels = int(torch.randint(0, 8, (1,), generator=generator))
         values = torch.rand(num_labels, generator=generator).tolist()
         errors = torch.randperm(25, generator=generator)[: int(torch.randint(0, 4, (1,), generator=generator))]
         samples.append(sample(values, errors.tolist(), cls=b % 10))
