@@ -46,6 +46,17 @@ def _score(args: argparse.Namespace) -> int:
 
     dataset = load_prmbench(args.data, limit_per_class=args.limit_per_class)
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.critic:
+        if not args.api_model:
+            raise ValueError("--critic needs --api-model (the model name the endpoint serves)")
+        report = score(args.api_model, dataset, family="critic", output_dir=args.output_dir,
+                       progress=not args.no_progress, api_base=args.api_base, shots=args.shots,
+                       concurrency=args.concurrency)
+        run = report.run
+        print(report.format_table())
+        print(f"\ncritic {args.api_model}: {run['requests']} requests, {run['invalid_predictions']} invalid predictions, "
+              f"{run['seconds']:.1f} s")
+        return 0
     if args.model is None:
         from .models import load_default_model
 
@@ -111,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--output-dir", help="write per-sample results, report.json and table.txt; re-run to resume")
     sc.add_argument("--cache-dir", help="keep tokenized samples here across runs")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sc.add_argument("--critic", action="store_true", help="evaluate an LLM critic behind an OpenAI-compatible API")
+    sc.add_argument("--api-base", help="critic endpoint base URL (default: $OPENAI_BASE_URL)")
+    sc.add_argument("--api-model", help="critic model name as the endpoint serves it")
+    sc.add_argument("--shots", type=int, default=2, choices=[0, 1, 2], help="critic few-shot examples")
+    sc.add_argument("--concurrency", type=int, default=16, help="critic requests in flight")
     sc.set_defaults(run=_score)
     return parser
 

@@ -83,7 +83,6 @@ class Report:
 class _Scored:
     """Valid predictions flattened into the op's inputs (one bucket: the correct samples, or the others)."""
 
-    samples: list[Sample] = dataclasses.field(default_factory=list)
     positions: list[int] = dataclasses.field(default_factory=list)  # dataset positions of ``samples``
     step_values: list = dataclasses.field(default_factory=list)  # flat labels (0/1) and scores
     thresholds: list[float] = dataclasses.field(default_factory=list)
@@ -94,7 +93,6 @@ class _Scored:
         """This bucket followed by ``other``, offsets shifted."""
         shift = len(self.step_values)
         return _Scored(
-            self.samples + other.samples,
             self.positions + other.positions,
             self.step_values + other.step_values,
             self.thresholds + other.thresholds,
@@ -130,11 +128,16 @@ def _collect(dataset: PRMBenchDataset, predictions, validity_threshold: float, r
     if _is_mapping(predictions):
         items: Iterable[tuple[Any, Any]] = predictions.items()
     else:
-        items = ((_result_id(r, i), r) for i, r in enumerate(predictions))
+        results = list(predictions)
+        try:
+            ids = [r["idx"] for r in results]
+        except (TypeError, KeyError, IndexError):
+            ids = [_result_id(r, i) for i, r in enumerate(results)]  # raises, naming the bad entry
+        items = zip(ids, results)
     position, samples = dataset.position, dataset.samples
     is_correct = dataset.arrays.is_correct
     correct, others = _Scored(), _Scored()
-    predicted = np.zeros(len(samples), dtype=bool)
+    kept: list[int] = []
     seen: set[str] = set()
     unknown: list[str] = []
     invalid: list[str] = []
@@ -150,7 +153,7 @@ def _collect(dataset: PRMBenchDataset, predictions, validity_threshold: float, r
         if not _is_mapping(result):
             raise PredictionError(f"prediction for sample {sample_id!r}: expected a dict, got {type(result).__name__}")
         seen.add(sample_id)
-        predicted[where] = True
+        kept.append(where)
         num_correct_predictions += is_correct[where]
         if "validity" in result and not result["validity"]:
             invalid.append(sample_id)
@@ -172,13 +175,14 @@ def _collect(dataset: PRMBenchDataset, predictions, validity_threshold: float, r
         bucket.thresholds.append(threshold)
         bucket.label_offsets.append(len(bucket.step_values))
         bucket.fields.append(field)
-        bucket.samples.append(sample)
         bucket.positions.append(where)
+    predicted = np.zeros(len(samples), dtype=bool)
+    predicted[kept] = True
     return _Collected(
         scored=correct.then(others),
-        num_correct_valid=len(correct.samples),
+        num_correct_valid=len(correct.positions),
         num_correct_predictions=num_correct_predictions,
-        num_other_valid=len(others.samples),
+        num_other_valid=len(others.positions),
         predicted=predicted,
         invalid_ids=invalid,
         unknown_ids=unknown,
@@ -231,7 +235,7 @@ def _check_numbers(sample: Sample, field: str, values) -> None:
             raise PredictionError(f"prediction for sample {sample.id!r}, field {field!r}[{i}]: not a number: {v!r}")
 
 
-def _values_tensor(scored: _Scored) -> torch.Tensor:
+def _values_tensor(dataset: PRMBenchDataset, scored: _Scored) -> torch.Tensor:
     """The flat float64 values, checked: labels must be 0/1 (booleans), scores real numbers."""
     try:
         array = np.array(scored.step_values, dtype=np.float64)
@@ -241,12 +245,13 @@ def _values_tensor(scored: _Scored) -> torch.Tensor:
         np.array([f.endswith("labels") for f in scored.fields], dtype=bool), np.diff(scored.label_offsets)
     )
     if array is None or not np.all(np.where(is_label, (array == 0) | (array == 1), array == array)):
-        _raise_for_bad_value(scored)
+        _raise_for_bad_value(dataset, scored)
     return torch.from_numpy(array)
 
 
-def _raise_for_bad_value(scored: _Scored) -> None:
-    for sample, field, start, end in zip(scored.samples, scored.fields, scored.label_offsets, scored.label_offsets[1:]):
+def _raise_for_bad_value(dataset: PRMBenchDataset, scored: _Scored) -> None:
+    for where, field, start, end in zip(scored.positions, scored.fields, scored.label_offsets, scored.label_offsets[1:]):
+        sample = dataset.samples[where]
         for i, v in enumerate(scored.step_values[start:end]):
             if field.endswith("labels"):
                 if not (isinstance(v, (bool, int, float)) and v in (0, 1)):
@@ -289,7 +294,7 @@ def evaluate(
     error_steps, error_offsets = arrays.gather_errors(scored_positions)
     cu_labels = torch.tensor(scored.label_offsets, dtype=torch.int64)
     class_counts, sample_counts = step_confusion(
-        _values_tensor(scored),
+        _values_tensor(dataset, scored),
         torch.tensor(scored.thresholds, dtype=torch.float64),
         cu_labels,
         torch.from_numpy(error_steps),
@@ -307,7 +312,7 @@ def evaluate(
         official=official,
         table=metrics.leaderboard_table(official),
         diagnostics=_diagnostics(dataset, collected, scored_positions, label_counts),
-        sample_ids=[s.id for s in scored.samples],
+        sample_ids=[dataset.samples[p].id for p in scored.positions],
         sample_counts=sample_counts,
         class_counts=class_counts,
         label_counts=label_counts,

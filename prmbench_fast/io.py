@@ -37,7 +37,9 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise PredictionFileError(str(path), line_number, "idx", "missing field")
         if not isinstance(record["idx"], str):
             raise PredictionFileError(str(path), line_number, "idx", f"expected str, got {type(record['idx']).__name__}")
-        if not isinstance(record.get("scores"), dict):
+        # An invalid prediction (an unparseable critic answer) is stored without scores, as the official toolkit does.
+        invalid = "validity" in record and not record["validity"]
+        if not invalid and not isinstance(record.get("scores"), dict):
             raise PredictionFileError(str(path), line_number, "scores", "missing field or not a JSON object")
         results.append(record)
     return results

@@ -133,7 +133,10 @@ def score(
             mode; its weights are never copied or reloaded.
         dataset: the evaluation set (default: ``load_prmbench()``; pass a subset for quick checks).
         tokenizer: the model's tokenizer (default: loaded from the checkpoint folder).
-        family: a name from ``prmbench_fast.families.FAMILY_NAMES``, or "auto" (from the model's config and name).
+        family: a name from ``prmbench_fast.families.FAMILY_NAMES``, or "auto" (from the model's config and name), or
+            "critic": an LLM prompted as a critic through an OpenAI-compatible API (``model`` is the served model's
+            name; ``api_base=``, ``api_key=``, ``shots=``, ``concurrency=``… go to
+            :func:`prmbench_fast.critic.score_critic`).
         max_length: official truncation: the first ``max_length`` tokens of each sample are kept, rewards past them
             vanish (PRMBench uses 2048).
         batch_tokens: tokens per packed batch (bounds activation memory; attention cost is per sample).
@@ -151,6 +154,11 @@ def score(
 
     Under ``torch.distributed`` every rank scores a disjoint shard and all ranks return the same report.
     """
+    if family == "critic":
+        # An LLM prompted as a critic behind an OpenAI-compatible API: `model` is the served model's name.
+        from .critic import score_critic
+
+        return score_critic(dataset, api_model=str(model), output_dir=output_dir, progress=progress, **family_options)
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer, family = _load(model, family, tokenizer, dtype, device)
     else:

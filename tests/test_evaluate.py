@@ -316,3 +316,10 @@ def test_table_domains_are_means_of_clamped_class_scores(full):
     assert t["MS"] == pytest.approx(100 * per_class["f1"]["multi_solutions"], abs=1e-12)
     assert t["NR"] == pytest.approx(50 * (per_class["f1"]["redundency"] + per_class["negative_f1"]["redundency"]), abs=1e-12)
     assert not math.isnan(t["Overall"])
+
+
+@pytest.mark.parametrize("entry", [{"scores": {}}, ["correct_p"], None])
+def test_list_entries_without_an_idx_are_named(entry):
+    ds = tiny_dataset(("correct", "p", 1, ()))
+    with pytest.raises(PredictionError, match=r"prediction #1: a result in a list must be a dict with an 'idx' field"):
+        evaluate(ds, [labels("correct_p", [True]), entry])

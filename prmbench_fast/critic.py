@@ -1,0 +1,539 @@
+"""The LLM-as-critic path: a general LLM behind an OpenAI-compatible endpoint judges every step (SPEC §4).
+
+The critic gets a system prompt, 0-2 worked examples and the sample as a query, and answers with JSON holding a
+validity and a redundancy score per step. The request layout, the answer parsing, the labelling and what is stored
+for a failed or unparseable answer reproduce the official toolkit's API adapter (``mr_eval/models/openai_models.py``
+with ``mr_eval/utils/model_utils.py``); only the prompt and example *texts* are this repository's own wording, with
+the same content and structure.
+
+Layout of ``output_dir`` (on top of the :mod:`prmbench_fast.results_store` layout):
+    responses.jsonl   one line per asked sample: {"idx", "response" (the last answer text, null if none arrived),
+                      "attempts", "errors"}, written (and fsync'ed) before the sample's result line, so every stored
+                      result has its raw answer; :func:`results_from_responses` re-parses them without asking again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, Mapping
+
+from .data import PRMBenchDataset, Sample, load_prmbench
+from .evaluate import Report, evaluate
+from .families.text import clean_step
+from .io import write_json_atomic, write_text_atomic
+from .results_store import ResultsStore
+
+RESPONSES_FILE = "responses.jsonl"
+
+#: Models the official adapter treats as o1-style: the system prompt goes as a "user" turn, temperature 1.0.
+O1_MODELS = ("o1-mini", "o1-preview")
+
+SYSTEM_PROMPT = """\
+You are a careful grader of step-by-step mathematical reasoning. You will receive a math question and a solution \
+split into numbered steps. Judge every step on its own and give it two scores.
+
+1. Validity, a number from -1 to 1: is the step mathematically and logically sound, given the question and the \
+steps before it?
+   - 1 means the step is entirely correct;
+   - 0 means the step is partly correct or only partly justified;
+   - -1 means the step is entirely wrong.
+   Values in between (for example 0.5 or -0.5) express intermediate judgements.
+
+2. Redundancy, a number from -1 to 1: how much does the solution need this step to reach its answer?
+   - -1 means the step is essential and cannot be removed;
+   - 0 means the step helps but is of moderate importance;
+   - 1 means the step is entirely redundant and could be dropped without loss.
+   Values in between express intermediate judgements.
+
+Reply in strict JSON with exactly two keys, "validity" and "redundancy". Each maps to a list with one number per \
+step, in step order, so both lists are as long as the solution has steps. For a solution of three steps a reply \
+looks like:
+{"validity": [1, 0.5, -1], "redundancy": [-1, 0, 1]}"""
+
+_SHOT_1_QUESTION = """\
+Question:
+
+A bakery sells muffins at 3 for $4. How many dollars do 18 muffins cost?
+
+Solution:
+
+Step 1. We need the price of 18 muffins when every 3 muffins cost $4.
+
+Step 2. One muffin therefore costs 4/3 dollars, roughly 1.33 dollars.
+
+Step 3. 18 muffins make 18 / 3 = 6 groups of three.
+
+Step 4. Each group costs $4, so the 6 groups cost 6 * 4 = 24 dollars.
+
+Step 5. Checking with the price of one muffin: 18 * 1.33 = 23.94, which rounds to 24.
+
+Step 6. Buying the muffins one at a time might cost more than buying them in groups.
+
+Step 7. So 18 muffins cost 24 dollars.
+
+Step 8. The answer is 24.
+
+# Answer
+
+24"""
+_SHOT_1_ANSWER = '{"validity": [1, 1, 1, 1, 0.5, 0, 1, 1], "redundancy": [0.5, -0.5, -1, -1, 1, 1, 0, 0.5]}'
+
+_SHOT_2_QUESTION = """\
+Question:
+
+Two fair six-sided dice are rolled. What is the probability that the two numbers shown add up to 8?
+
+Solution:
+
+Step 1. Each die shows a number from 1 to 6, so there are 6 * 6 = 36 equally likely outcomes.
+
+Step 2. We count the ordered pairs (a, b) with a + b = 8.
+
+Step 3. If a = 1, then b would have to be 7, which a die cannot show.
+
+Step 4. For a from 2 to 6 the pairs are (2, 6), (3, 5), (4, 4), (5, 3) and (6, 2).
+
+Step 5. The rolls (3, 5) and (5, 3) are the same roll, so we count them once, and the same holds for (2, 6) and (6, 2).
+
+Step 6. This leaves 3 favourable outcomes.
+
+Step 7. The probability is 3 / 36 = 1/12.
+
+Step 8. As a check, the most likely sum is 7, with probability 6/36.
+
+Step 9. A sum of 8 is next to 7, so its probability should be a little smaller, and 1/12 is smaller.
+
+Step 10. The probability that the sum is 8 is 1/12.
+
+# Answer
+
+\\frac{1}{12}"""
+_SHOT_2_ANSWER = (
+    '{"validity": [1, 1, 1, 1, -1, -1, -1, 1, 0, -1], "redundancy": [-1, -0.5, 0, -1, -1, -0.5, -0.5, 1, 1, 0]}'
+)
+
+#: The worked examples as (user turn, assistant answer) pairs; ``shots=k`` uses the first k.
+FEW_SHOTS: tuple[tuple[str, str], ...] = ((_SHOT_1_QUESTION, _SHOT_1_ANSWER), (_SHOT_2_QUESTION, _SHOT_2_ANSWER))
+
+#: Identifies the prompt texts in run.json, so a resume never mixes answers to two different prompts.
+PROMPT_VERSION = hashlib.sha256(
+    json.dumps([SYSTEM_PROMPT, FEW_SHOTS]).encode("utf-8")
+).hexdigest()[:12]
+
+
+class CriticEndpointError(RuntimeError):
+    """The endpoint refuses every request (bad key, no access, unknown model or path): the run stops, and nothing
+    is stored for the samples in flight, because storing them invalid would keep a resume from asking again."""
+
+
+# --------------------------------------------------------------------------------------------------- prompt
+
+
+def default_system_role(api_model: str) -> str:
+    """The role of the system prompt: "user" for the o1 models the official adapter lists, else "system"."""
+    return "user" if api_model in O1_MODELS else "system"
+
+
+def default_temperature(api_model: str) -> float:
+    """The official sampling temperature: 1.0 for the o1 models (they accept no other), else 0."""
+    return 1.0 if api_model in O1_MODELS else 0.0
+
+
+def critic_query(sample: Sample) -> str:
+    """The user turn for a sample, with the official quirks kept: a space before "Solutions", "Step i:" with a colon
+    (the worked examples use "Step i."), a space after each step, and step numbers removed by ``clean_step`` first."""
+    steps = "".join(f"Step {i}: {clean_step(step)} \n\n" for i, step in enumerate(sample.steps, start=1))
+    return f"Question: {sample.question}\n\n Solutions: {steps}"
+
+
+def build_messages(sample: Sample, *, shots: int = 2, system_role: str = "system") -> list[dict[str, str]]:
+    """The chat messages for one sample: the system prompt (as ``system_role``), ``shots`` (user, assistant) example
+    pairs, then the query."""
+    if not 0 <= shots <= len(FEW_SHOTS):
+        raise ValueError(f"shots must be 0, 1 or 2, got {shots}")
+    messages = [{"role": system_role, "content": SYSTEM_PROMPT}]
+    for question, answer in FEW_SHOTS[:shots]:
+        messages.append({"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": critic_query(sample)})
+    return messages
+
+
+# --------------------------------------------------------------------------------------------------- parsing
+
+# A "//" or "#" comment runs to the end of its line. Like the official cleaner this is blind to JSON strings:
+# "http://x" or "#3" inside a string is cut too, which then usually fails to parse (as it does officially).
+_COMMENT = re.compile(r"(?://|#)[^\n]*")
+
+
+def parse_critic_response(text: str | None) -> dict | None:
+    """The critic's JSON answer, or None when the answer is unusable (the official rules exactly).
+
+    The text is scanned for brace-balanced ``{...}`` blocks, counting every brace (also those inside JSON
+    strings). Each complete block in turn has its // and # comments removed and is parsed as JSON; a block that
+    fails to parse is skipped. The first block that parses is the answer, and it must hold both "validity" and
+    "redundancy" (their lengths are not checked against the step count). A "}" met with no "{" open before the
+    scan reaches a parsing block makes the whole answer unusable.
+    """
+    if not isinstance(text, str):
+        return None  # e.g. a null message content: the official parser fails on it and stores the sample invalid
+    depth = start = 0
+    for i, char in enumerate(text):
+        if char == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif char == "}":
+            if depth == 0:
+                return None  # unbalanced: the official scan raises here and the whole answer is invalid
+            depth -= 1
+            if depth == 0:
+                try:
+                    answer = json.loads(_COMMENT.sub("", text[start : i + 1]))
+                except json.JSONDecodeError:
+                    continue  # try the next block
+                except Exception:  # noqa: BLE001 (e.g. RecursionError on absurd nesting: invalid, as officially)
+                    return None
+                if isinstance(answer, dict) and "validity" in answer and "redundancy" in answer:
+                    return answer
+                return None  # the first block that parses decides, even without the keys
+    return None
+
+
+def _score_fields(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The official scores dict of a parsed answer; labels are score > 0. Raises TypeError when a score is not
+    comparable with 0 (a string, null, a list...): the official adapter treats that as a failed request."""
+    validity, redundancy = answer["validity"], answer["redundancy"]
+    return {
+        "step_level_validity_scores": validity,
+        "step_level_redundancy_scores": redundancy,
+        "step_level_validity_labels": [v > 0 for v in validity],
+        "step_level_redundancy_labels": [v > 0 for v in redundancy],
+    }
+
+
+def critic_result(sample: Sample, response_text: str | None) -> dict[str, Any]:
+    """The official result dict for a critic's answer to ``sample``.
+
+    A usable answer gives ``{"scores": {validity/redundancy scores and labels (score > 0)}, "idx", "validity": True}``;
+    an unusable one gives ``{"validity": False, "idx", "original_response": text}`` with no scores, as the official
+    adapter stores it (the evaluator skips it; it only lowers the validity rate). An answer that parses but holds
+    scores that cannot be compared with 0 is also invalid here; :func:`score_critic` asks again first, as the
+    official adapter does.
+    """
+    answer = parse_critic_response(response_text)
+    if answer is not None:
+        try:
+            return {"scores": _score_fields(answer), "idx": sample.id, "validity": True}
+        except TypeError:
+            pass
+    return {"validity": False, "idx": sample.id, "original_response": response_text}
+
+
+def results_from_responses(dataset: PRMBenchDataset, output_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Re-parse the raw answers kept in ``output_dir/responses.jsonl`` (the last line per sample wins: an earlier one
+    belongs to an attempt whose result was lost in a crash). Samples that never got an answer are invalid without
+    ``original_response``, as the official adapter stores them. Ids not in ``dataset`` are left out."""
+    responses: dict[str, dict[str, Any]] = {}
+    with open(pathlib.Path(output_dir) / RESPONSES_FILE, encoding="utf-8") as f:
+        for line in f:
+            if line.endswith("\n"):
+                record = json.loads(line)
+                responses[record["idx"]] = record
+    results = {}
+    for sample in dataset.samples:
+        record = responses.get(sample.id)
+        if record is None:
+            continue
+        if record["answered"]:
+            results[sample.id] = critic_result(sample, record["response"])
+        else:
+            results[sample.id] = {"validity": False, "idx": sample.id}
+    return results
+
+
+# --------------------------------------------------------------------------------------------------- asking
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """What asking about one sample gave: its result, the last answer text and the request figures."""
+
+    result: dict[str, Any]
+    response: str | None
+    answered: bool  # an answer arrived and decided the result (usable or not); False: every attempt failed
+    attempts: int
+    errors: list[str]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# Statuses that no retry can fix for any sample: stop the run instead of storing every sample invalid.
+_FATAL_STATUSES = (401, 403, 404)
+# Statuses that no retry fixes for this request (malformed or too long for the model): the sample is stored invalid
+# at once. The official adapter would ask max_retries times and store the same invalid result.
+_REJECTED_STATUSES = (400, 413, 422)
+
+
+class _Asker:
+    def __init__(self, client, *, api_model, shots, system_role, temperature, max_retries, retry_interval,
+                 max_tokens, extra_body, stop: threading.Event):
+        self.client = client
+        self.api_model = api_model
+        self.shots = shots
+        self.system_role = system_role
+        self.temperature = temperature
+        self.max_retries = max_retries
+        self.retry_interval = retry_interval
+        self.max_tokens = max_tokens
+        self.extra_body = extra_body
+        self.stop = stop
+
+    def _request(self, messages) -> Any:
+        options: dict[str, Any] = {}
+        if self.max_tokens is not None:
+            options["max_tokens"] = self.max_tokens
+        if self.extra_body:
+            options["extra_body"] = self.extra_body
+        return self.client.chat.completions.create(
+            model=self.api_model, messages=messages, temperature=self.temperature, **options
+        )
+
+    def __call__(self, sample: Sample) -> _Outcome | None:
+        import openai
+
+        messages = build_messages(sample, shots=self.shots, system_role=self.system_role)
+        errors: list[str] = []
+        text: str | None = None
+        prompt_tokens = completion_tokens = 0
+        for attempt in range(1, self.max_retries + 1):
+            if self.stop.is_set():
+                return None
+            try:
+                completion = self._request(messages)
+                usage = getattr(completion, "usage", None)
+                prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
+                completion_tokens += getattr(usage, "completion_tokens", 0) or 0
+                text = completion.choices[0].message.content
+                answer = parse_critic_response(text)
+                if answer is None:  # an answer arrived but is unusable: invalid, not asked again (official)
+                    result = {"validity": False, "idx": sample.id, "original_response": text}
+                else:
+                    result = {"scores": _score_fields(answer), "idx": sample.id, "validity": True}
+                return _Outcome(result, text, True, attempt, errors, prompt_tokens, completion_tokens)
+            except openai.APIStatusError as err:
+                errors.append(f"HTTP {err.status_code}: {_short(err)}")
+                if err.status_code in _FATAL_STATUSES:
+                    raise CriticEndpointError(
+                        f"{self.client.base_url} answered HTTP {err.status_code} for model {self.api_model!r}: "
+                        f"{_short(err)} (check --api-base, --api-model and OPENAI_API_KEY)"
+                    ) from err
+                if err.status_code in _REJECTED_STATUSES:
+                    break
+            except Exception as err:  # noqa: BLE001 timeouts, connection errors, malformed bodies, unusable scores
+                errors.append(f"{type(err).__name__}: {_short(err)}")
+            if attempt < self.max_retries:
+                # The official backoff: retry_interval * (1 + failures so far). The wait ends early on a stop.
+                self.stop.wait(self.retry_interval * (1 + len(errors)))
+        return _Outcome({"validity": False, "idx": sample.id}, text, False, len(errors), errors, prompt_tokens,
+                        completion_tokens)
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    message = str(err).replace("\n", " ")
+    return message if len(message) <= limit else message[:limit] + "..."
+
+
+class _ResponseLog:
+    """Appends one raw-answer line per sample, fsync'ed, before its result line is written."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        if path.exists():  # drop a line torn by a kill, so the next append starts clean
+            data = path.read_bytes()
+            end = data.rfind(b"\n") + 1
+            if end != len(data):
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, sample_id: str, outcome: _Outcome) -> None:
+        record = {"idx": sample_id, "response": outcome.response, "answered": outcome.answered,
+                  "attempts": outcome.attempts, "errors": outcome.errors}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled and total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="sample", desc="prmbench critic", dynamic_ncols=True)
+
+    def update(self, invalid: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(invalid=invalid, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def score_critic(
+    dataset: PRMBenchDataset | None = None,
+    *,
+    api_model: str,
+    api_base: str | None = None,
+    api_key: str | None = None,
+    shots: int = 2,
+    temperature: float | None = None,
+    system_role: str | None = None,
+    max_tokens: int | None = None,
+    concurrency: int = 16,
+    max_retries: int = 5,
+    retry_interval: float = 1.0,
+    timeout: float = 60.0,
+    output_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    extra_body: Mapping[str, Any] | None = None,
+) -> Report:
+    """Evaluate an LLM prompted as a critic on PRMBench, through an OpenAI-compatible chat endpoint (vLLM, SGLang,
+    a hosted API).
+
+    Args:
+        dataset: the evaluation set (default: ``load_prmbench()``).
+        api_model: the model name the endpoint serves.
+        api_base: the endpoint's base URL, e.g. ``http://localhost:8000/v1`` (default: ``$OPENAI_BASE_URL``, else
+            the OpenAI API).
+        api_key: the key (default: ``$OPENAI_API_KEY``, else the placeholder "EMPTY" that keyless local servers accept).
+        shots: worked examples before the query, 0, 1 or 2 (official default 2).
+        temperature: default as the official adapter: 1.0 for o1-mini/o1-preview, else 0.
+        system_role: the role of the system prompt; default "user" for o1-mini/o1-preview, else "system" (the
+            official vLLM adapter sends it as "user": pass ``system_role="user"`` to match those runs).
+        max_tokens: the answer length limit sent with each request (default: none sent, as the official API adapter).
+        concurrency: requests in flight at once.
+        max_retries: attempts per sample. Timeouts, connection errors, HTTP 429/5xx and answers whose scores are not
+            numbers are retried after ``retry_interval * (1 + failures so far)`` seconds; after the last failure the
+            sample is stored invalid (``{"validity": False, "idx"}``), as officially. HTTP 400/413/422 store it invalid
+            at once (no retry can change them); 401/403/404 stop the run with :class:`CriticEndpointError`.
+        timeout: seconds per request.
+        output_dir: results, raw answers, report.json and table.txt go there as they finish; a re-run with the same
+            folder asks nothing about samples already stored, valid or invalid (the official resume reloads invalid
+            results too).
+        progress: a progress bar on stderr.
+        extra_body: extra JSON fields for each request (e.g. ``{"top_k": 1}`` for vLLM).
+
+    Returns:
+        The :class:`~prmbench_fast.evaluate.Report` of ``evaluate()`` on every sample's result, with
+        ``report.predictions`` (the official result dicts) and ``report.run`` (requests, retries, invalid answers,
+        tokens, seconds, requests/s).
+    """
+    import openai
+
+    if not 0 <= shots <= len(FEW_SHOTS):
+        raise ValueError(f"shots must be 0, 1 or 2, got {shots}")
+    if concurrency < 1 or max_retries < 1:
+        raise ValueError("concurrency and max_retries must be at least 1")
+    dataset = dataset if dataset is not None else load_prmbench()
+    system_role = system_role or default_system_role(api_model)
+    temperature = default_temperature(api_model) if temperature is None else float(temperature)
+    extra_body = dict(extra_body) if extra_body else None
+    api_base = api_base or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+    client_options: dict[str, Any] = {"api_key": api_key, "max_retries": 0, "timeout": timeout}
+    if api_base:
+        client_options["base_url"] = api_base
+    # Retries are ours (the official backoff and accounting), hence max_retries=0 for the client.
+    client = openai.OpenAI(**client_options)
+
+    store = responses = None
+    finished: dict[str, dict[str, Any]] = {}
+    if output_dir is not None:
+        run_config = {"model": api_model, "family": "critic", "prompt": PROMPT_VERSION, "shots": shots,
+                      "system_role": system_role, "temperature": temperature, "max_tokens": max_tokens,
+                      "extra_body": extra_body, "samples": len(dataset)}
+        store = ResultsStore(output_dir, run_config)
+        finished = store.finished()
+        responses = _ResponseLog(store.dir / RESPONSES_FILE)
+    todo = [s for s in dataset.samples if s.id not in finished]
+
+    stop = threading.Event()
+    ask = _Asker(client, api_model=api_model, shots=shots, system_role=system_role, temperature=temperature,
+                 max_retries=max_retries, retry_interval=retry_interval, max_tokens=max_tokens,
+                 extra_body=extra_body, stop=stop)
+    bar = _Progress(len(todo), progress)
+    new_results: list[dict[str, Any]] = []
+    requests = unparseable = unanswered = prompt_tokens = completion_tokens = 0
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=min(concurrency, max(len(todo), 1)), thread_name_prefix="prmbench-critic")
+    try:
+        futures = {pool.submit(ask, sample): sample for sample in todo}
+        for future in as_completed(futures):
+            outcome = future.result()  # re-raises CriticEndpointError from a worker
+            sample = futures[future]
+            requests += outcome.attempts
+            prompt_tokens += outcome.prompt_tokens
+            completion_tokens += outcome.completion_tokens
+            unanswered += not outcome.answered
+            unparseable += outcome.answered and not outcome.result["validity"]
+            if responses is not None:
+                responses.write(sample.id, outcome)
+                store.append([outcome.result])
+            new_results.append(outcome.result)
+            bar.update(unparseable + unanswered)
+    finally:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
+        if responses is not None:
+            responses.close()
+    seconds = time.perf_counter() - start
+
+    predictions = dict(finished)
+    for result in new_results:
+        predictions.setdefault(result["idx"], result)
+    ordered = {s.id: predictions[s.id] for s in dataset.samples if s.id in predictions}
+    report = evaluate(dataset, ordered)
+    report.run = {
+        "family": "critic",
+        "model": api_model,
+        "api_base": str(client.base_url),
+        "shots": shots,
+        "system_role": system_role,
+        "temperature": temperature,
+        "prompt": PROMPT_VERSION,
+        "samples_scored": len(todo),
+        "samples_resumed": len(finished),
+        "requests": requests,
+        "retries": requests - len(todo),
+        "invalid_answers": unparseable,
+        "failed_samples": unanswered,
+        "invalid_predictions": sum(1 for r in ordered.values() if "validity" in r and not r["validity"]),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "seconds": seconds,
+        "requests_per_second": requests / seconds if seconds > 0 else None,
+        "samples_per_second": len(todo) / seconds if seconds > 0 else None,
+        "concurrency": concurrency,
+    }
+    report.predictions = ordered
+    if store is not None:
+        write_json_atomic(store.dir / "report.json", {"official": report.official, "table": report.table,
+                                                       "diagnostics": report.diagnostics, "run": report.run})
+        write_text_atomic(store.dir / "table.txt", report.format_table() + "\n")
+    return report
