@@ -2,45 +2,31 @@
 
 from __future__ import annotations
 
-import string
-
 import pytest
 import torch
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from prmbench_fast.data import Sample
+from family_testing import (
+    assert_all_match_official, assert_validity_matches, hand_samples, llama_tokenizer, long_sample, packed_outputs,
+    tiny_model,
+)
 from prmbench_fast.families import FamilyError, family_class
 from prmbench_fast.families.llemma import LlemmaFamily
-from prmbench_fast.packing import TokenizedSample, backbone_hidden_states, pack_batches
 
-# fp32 end to end: the packed backbone differs from a one-sample forward by ~1e-6 (tests/test_packing.py); the mean
-# row gives mean(W h) up to fp32 summation-order rounding (~1e-7 here), and the sigmoid only shrinks differences.
-ATOL, RTOL = 1e-5, 1e-4
+# family_testing's ATOL/RTOL hold for this family: the mean row gives mean(W h) up to fp32 summation-order rounding
+# (~1e-7 here), and the sigmoid only shrinks differences.
+
+CORPUS = [
+    "# Question\n\nWhat is 0.15 of 20?\n\n# Solution\n\nStep 1. The rate is 15 percent.\n\nWe get 3.\n\n",
+    "Add 3 and 3 to get 6. A longer question: step 2: 6 + 6 = 12\n\n# Answer\n\n",
+] * 5
 
 
 def _tokenizer(added: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    """A Llama-like sentencepiece BPE: "▁" for spaces and as a prefix, BOS added, every "\\n" its own token (Llama's
-    byte-fallback <0x0A>), so ``encode("\\n\\n")[1:]`` is the newline pair. ``added`` tokens are matched before
-    anything else, to build tokenizers that merge the separator into neighbouring text."""
-    corpus = [
-        "# Question\n\nWhat is 0.15 of 20?\n\n# Solution\n\nStep 1. The rate is 15 percent.\n\nWe get 3.\n\n",
-        "Add 3 and 3 to get 6. A longer question: step 2: 6 + 6 = 12\n\n# Answer\n\n",
-    ] * 5
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
-        pre_tokenizers.Split("\n", behavior="isolated"),
-    ])
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=list(string.printable) + ["▁"],
-    )
-    tok.train_from_iterator(corpus, trainer)
-    bos = ("<s>", tok.token_to_id("<s>"))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
-    tok.add_tokens([AddedToken(t, normalized=False) for t in added])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    """A Llama-like sentencepiece BPE with BOS, whose every "\\n" is its own token, so ``encode("\\n\\n")[1:]`` is the
+    newline pair. ``added`` tokens are matched before anything else, to build tokenizers that merge the separator
+    into neighbouring text."""
+    return llama_tokenizer(CORPUS, vocab_size=300, added_tokens=added)
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +39,10 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_model(LlamaForCausalLM, len(tokenizer), initializer_range=0.2)
 
 
-def _sample(i: int, question: str, steps: tuple[str, ...]) -> Sample:
-    return Sample(id=f"correct_t{i}", question=question, steps=steps, error_steps=(), classification="correct",
-                  source_idx=f"t{i}")
-
-
-SAMPLES = [
-    _sample(0, "What is 0.15 of 20?", ("Step 1. The rate is 15 percent.", "0.15 * 20 = 3", "", "Step 3. We get\n\n3.")),
-    _sample(1, "Short?", ("Yes.",)),
-    _sample(2, "A longer question: what is 3 + 3 + 3 + 3?",
-            ("  1. Add 3 and 3 to get 6. ", "step 2: 6 + 6 = 12", "64.", "Check:\n\n\n6 + 6 = 12\n")),
-]
+SAMPLES = hand_samples(second_step="step 2: 6 + 6 = 12", more_steps=("Check:\n\n\n6 + 6 = 12\n",))
 
 # getitem_function's string for each sample, written by hand: no step numbers and no prefix removal, every "\n\n"
 # deleted ("We get\n\n3." -> "We get3.", "\n\n\n" -> "\n"), stripped, "\n\n" after each step; an empty step adds a
@@ -119,21 +90,6 @@ def official_scores(model, tokenizer, text: str, max_length: int = 2048) -> tupl
     return scores, [s > 0.5 for s in scores]
 
 
-def packed_scores(family, model, samples, *, max_length=2048, batch_tokens=100_000, backend="auto"):
-    """Our path: encode, pack, backbone hidden states, family scores and labels; per sample id."""
-    encoded = [family.encode(s) for s in samples]
-    tokenized = [TokenizedSample(e.input_ids, e.reward_pos, key=s.id) for e, s in zip(encoded, samples)]
-    out = {}
-    for batch in pack_batches(tokenized, max_length=max_length, batch_tokens=batch_tokens):
-        hidden = backbone_hidden_states(model, batch)
-        scores = family.step_scores(model, hidden, batch.step_pos, backend=backend)
-        labels = family.step_labels(scores, batch.cu_steps)
-        cu = batch.cu_steps.tolist()
-        for b, key in enumerate(batch.sample_keys):
-            out[key] = (scores["validity"][cu[b]:cu[b + 1]], labels["validity"][cu[b]:cu[b + 1]].tolist())
-    return out
-
-
 # -- tests -------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("i", range(len(SAMPLES)))
 def test_text_is_the_official_string(i):
@@ -164,15 +120,9 @@ def test_empty_step_gives_overlapping_positions(tokenizer):
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_scores_and_labels_match_official(tokenizer, model, backend):
     family = LlemmaFamily(tokenizer)
-    ours = packed_scores(family, model, SAMPLES, backend=backend)
-    all_labels = []
-    for sample, text in zip(SAMPLES, OFFICIAL_TEXTS):
-        scores, labels = official_scores(model, tokenizer, text)
-        torch.testing.assert_close(ours[sample.id][0], torch.tensor(scores), atol=ATOL, rtol=RTOL)
-        assert ours[sample.id][1] == labels
-        all_labels += labels
-    assert ours[SAMPLES[0].id][0].dtype == torch.float32
-    assert any(all_labels) and not all(all_labels), "the fixture should exercise both labels"
+    ours = packed_outputs(family, model, SAMPLES, backend=backend)
+    official = [official_scores(model, tokenizer, t) for t in OFFICIAL_TEXTS]
+    assert_all_match_official(ours, SAMPLES, official)
 
 
 def test_mean_head_is_cached_and_follows_weight_updates(tokenizer, model):
@@ -192,7 +142,7 @@ def test_mean_head_is_cached_and_follows_weight_updates(tokenizer, model):
 
 def test_truncation_drops_late_rewards_like_the_adapter(tokenizer, model):
     family = LlemmaFamily(tokenizer)
-    long = _sample(9, "What is 0.15 of 20?", tuple(f"We get {k}." for k in range(12)))
+    long = long_sample(12)
     text = LlemmaFamily.build_text(long)
     full = len(family.encode(long).input_ids)
     # A cut mid-text drops the late rewards; a cut between the two "\n" of the last pair keeps all N+1: the
@@ -200,9 +150,8 @@ def test_truncation_drops_late_rewards_like_the_adapter(tokenizer, model):
     for max_length, kept in ((full // 2, range(1, len(long.steps) + 1)), (full - 1, [len(long.steps) + 1])):
         scores, labels = official_scores(model, tokenizer, text, max_length=max_length)
         assert len(scores) in kept
-        ours = packed_scores(family, model, [long, SAMPLES[1]], max_length=max_length)
-        torch.testing.assert_close(ours[long.id][0], torch.tensor(scores), atol=ATOL, rtol=RTOL)
-        assert ours[long.id][1] == labels
+        ours = packed_outputs(family, model, [long, SAMPLES[1]], max_length=max_length)
+        assert_validity_matches(ours[long.id], scores, labels)
 
 
 def test_separator_merged_into_text_raises_unless_not_strict():

@@ -2,48 +2,29 @@
 
 from __future__ import annotations
 
-import string
-
 import pytest
 import torch
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import MistralConfig, MistralForTokenClassification, PreTrainedTokenizerFast
 
-from prmbench_fast.data import Sample
+from family_testing import (
+    ATOL, RTOL, assert_all_match_official, assert_validity_matches, hand_samples, llama_tokenizer, long_sample,
+    make_sample, packed_outputs, tiny_model,
+)
 from prmbench_fast.families import FamilyError, family_class
 from prmbench_fast.families.mathminos import MathMinosFamily
-from prmbench_fast.packing import TokenizedSample, backbone_hidden_states, pack_batches
 
-# fp32 end to end: the packed backbone differs from a one-sample forward by ~1e-6 (tests/test_packing.py); the raw
-# logit is one dot product of those hidden states with the head row, of size ~1.
-ATOL, RTOL = 1e-5, 1e-4
+# family_testing's ATOL/RTOL hold for this family: the raw logit is one dot product of the hidden states with the head
+# row, of size ~1.
+
+CORPUS = [
+    "Human: What is 0.15 of 20?\n\nAssistant:Step 1: The rate is 15 percent. и\nStep 2: We get 3. и\n",
+    "Add 3 and 3 to get 6. A longer question: step 2: 6 + 6 = 12 и\n и и",
+] * 5
 
 
-def _tokenizer(merge_double_space: bool = False) -> PreTrainedTokenizerFast:
-    """A Llama/Mistral-like sentencepiece BPE: "▁" for spaces and as a prefix, BOS added, "\\n" a token of its own.
-
-    ``merge_double_space`` adds "  и" as one token, so an empty step's tag is not found: a tokenizer that merges the
-    tag into neighbouring text.
-    """
-    corpus = [
-        "Human: What is 0.15 of 20?\n\nAssistant:Step 1: The rate is 15 percent. и\nStep 2: We get 3. и\n",
-        "Add 3 and 3 to get 6. A longer question: step 2: 6 + 6 = 12 и\n и и",
-    ] * 5
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
-        pre_tokenizers.Split("\n", behavior="isolated"),
-    ])
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=list(string.printable) + ["к", "и", "▁"],
-    )
-    tok.train_from_iterator(corpus, trainer)
-    bos = ("<s>", tok.token_to_id("<s>"))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
-    if merge_double_space:
-        tok.add_tokens([AddedToken("  и", normalized=False)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+def _tokenizer(added: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    # The tag's letters are in the alphabet, so the tag can be learnt as one token, as it is in the real vocabulary.
+    return llama_tokenizer(CORPUS, vocab_size=400, extra_alphabet=("к", "и"), added_tokens=added)
 
 
 @pytest.fixture(scope="module")
@@ -56,25 +37,10 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, num_labels=1,
-    )
-    return MistralForTokenClassification(config).eval()
+    return tiny_model(MistralForTokenClassification, len(tokenizer), initializer_range=0.2, num_labels=1)
 
 
-def _sample(i: int, question: str, steps: tuple[str, ...]) -> Sample:
-    return Sample(id=f"correct_t{i}", question=question, steps=steps, error_steps=(), classification="correct",
-                  source_idx=f"t{i}")
-
-
-SAMPLES = [
-    _sample(0, "What is 0.15 of 20?", ("Step 1. The rate is 15 percent.", "0.15 * 20 = 3", "", "Step 3. We get\n\n3.")),
-    _sample(1, "Short?", ("Yes.",)),
-    _sample(2, "A longer question: what is 3 + 3 + 3 + 3?",
-            ("  1. Add 3 and 3 to get 6. ", "step 2: 6 + 6 = 12", "64.")),
-]
+SAMPLES = hand_samples(second_step="step 2: 6 + 6 = 12")
 
 # getitem_function's string for each sample, written by hand: remove_step_prefix ("Step 1. " and "1. " go, "0.15"
 # loses its "0.", "64." becomes empty, the colon form "step 2:" stays), renumbered "Step i: ", " и\n" after each,
@@ -105,21 +71,6 @@ def official_scores(model, tokenizer, text: str, max_length: int = 2048) -> tupl
     return scores.tolist(), (scores > 0).tolist()
 
 
-def packed_scores(family, model, samples, *, max_length=2048, batch_tokens=100_000, backend="auto"):
-    """Our path: encode, pack, backbone hidden states, family scores and labels; per sample id."""
-    encoded = [family.encode(s) for s in samples]
-    tokenized = [TokenizedSample(e.input_ids, e.reward_pos, key=s.id) for e, s in zip(encoded, samples)]
-    out = {}
-    for batch in pack_batches(tokenized, max_length=max_length, batch_tokens=batch_tokens):
-        hidden = backbone_hidden_states(model, batch)
-        scores = family.step_scores(model, hidden, batch.step_pos, backend=backend)
-        labels = family.step_labels(scores, batch.cu_steps)
-        cu = batch.cu_steps.tolist()
-        for b, key in enumerate(batch.sample_keys):
-            out[key] = (scores["validity"][cu[b]:cu[b + 1]], labels["validity"][cu[b]:cu[b + 1]].tolist())
-    return out
-
-
 # -- tests -------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("i", range(len(SAMPLES)))
 def test_text_is_the_official_string(i):
@@ -140,19 +91,13 @@ def test_ids_and_positions_are_official(tokenizer, i):
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_scores_and_labels_match_official(tokenizer, model, backend):
     family = MathMinosFamily(tokenizer)
-    ours = packed_scores(family, model, SAMPLES, backend=backend)
-    all_labels = []
-    for sample, text in zip(SAMPLES, OFFICIAL_TEXTS):
-        scores, labels = official_scores(model, tokenizer, text)
-        torch.testing.assert_close(ours[sample.id][0], torch.tensor(scores), atol=ATOL, rtol=RTOL)
-        assert ours[sample.id][1] == labels
-        all_labels += labels
-    assert ours[SAMPLES[0].id][0].dtype == torch.float32
-    assert any(all_labels) and not all(all_labels), "the fixture should exercise both labels"
+    ours = packed_outputs(family, model, SAMPLES, backend=backend)
+    official = [official_scores(model, tokenizer, t) for t in OFFICIAL_TEXTS]
+    assert_all_match_official(ours, SAMPLES, official)
 
 
 def test_truncation_drops_late_rewards_like_the_adapter(tokenizer, model):
-    long = _sample(9, "What is 0.15 of 20?", tuple(f"We get {k}." for k in range(12)))
+    long = long_sample(12)
     text = MathMinosFamily.build_text(long)
     full = len(MathMinosFamily(tokenizer, max_length=10_000).encode(long).input_ids)
     max_length = full // 2
@@ -160,16 +105,15 @@ def test_truncation_drops_late_rewards_like_the_adapter(tokenizer, model):
     assert 0 < len(scores) < len(long.steps)
     family = MathMinosFamily(tokenizer, max_length=max_length)
     assert len(family.encode(long).input_ids) == max_length  # cut while encoding, as the adapter does
-    ours = packed_scores(family, model, [long, SAMPLES[1]], max_length=max_length)
-    torch.testing.assert_close(ours[long.id][0], torch.tensor(scores), atol=ATOL, rtol=RTOL)
-    assert ours[long.id][1] == labels
+    ours = packed_outputs(family, model, [long, SAMPLES[1]], max_length=max_length)
+    assert_validity_matches(ours[long.id], scores, labels)
     # The default family (2048) cut by the pipeline's own max_length gives the same rewards.
-    ours_default = packed_scores(MathMinosFamily(tokenizer), model, [long], max_length=max_length)
-    torch.testing.assert_close(ours_default[long.id][0], torch.tensor(scores), atol=ATOL, rtol=RTOL)
+    ours_default = packed_outputs(MathMinosFamily(tokenizer), model, [long], max_length=max_length)
+    torch.testing.assert_close(ours_default[long.id].scores["validity"], torch.tensor(scores), atol=ATOL, rtol=RTOL)
 
 
 def test_tag_merged_into_text_raises_unless_not_strict():
-    merging = _tokenizer(merge_double_space=True)
+    merging = _tokenizer(added=("  и",))
     sample = SAMPLES[0]  # its empty step gives "Step 3:  и", one token here
     with pytest.raises(FamilyError, match=r"mathminos.*correct_t0"):
         MathMinosFamily(merging).encode(sample)
@@ -180,7 +124,7 @@ def test_tag_merged_into_text_raises_unless_not_strict():
 
 
 def test_tag_inside_the_question_raises(tokenizer):
-    sample = _sample(5, "Why и?", ("Yes.",))
+    sample = make_sample(5, "Why и?", ("Yes.",))
     with pytest.raises(FamilyError, match=r"mathminos.*correct_t5.*2 times for 1 steps"):
         MathMinosFamily(tokenizer).encode(sample)
 
@@ -227,7 +171,7 @@ def test_score_hands_its_max_length_to_the_encoding(tokenizer, model):
     from prmbench_fast.data import PRMBenchDataset
     from prmbench_fast.score import score
 
-    long = _sample(9, "What is 0.15 of 20?", tuple(f"We get {k}." for k in range(12)))
+    long = long_sample(12)
     max_length = len(MathMinosFamily(tokenizer, max_length=10_000).encode(long).input_ids) // 2
     expected, labels = official_scores(model, tokenizer, MathMinosFamily.build_text(long), max_length=max_length)
     report = score(model, PRMBenchDataset([long, SAMPLES[1]]), tokenizer=tokenizer, family="mathminos",

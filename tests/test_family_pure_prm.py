@@ -4,29 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForTokenClassification
 
+from family_testing import bpe_tokenizer, hand_samples, packed_outputs, tiny_model
 from prmbench_fast.data import Sample
 from prmbench_fast.families import FamilyError, family_class
 from prmbench_fast.families.pure_prm import PurePRMFamily
-from prmbench_fast.packing import TokenizedSample, backbone_hidden_states, pack_batches
 
 
 def _tokenizer(separator_token=True) -> PreTrainedTokenizerFast:
     corpus = ["What is 0.15 of 20? Step 1. The rate is 15 percent. We get 3.", "So 3 + 3 = 6. Add 3 and 3."] * 4
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    if separator_token:
+    return bpe_tokenizer(
+        corpus, pre_tokenizer="byte_level", vocab_size=300, special_tokens=["<|endoftext|>"],
         # Qwen2.5's vocabulary has "\n\n" as one token (271); here it is an added, non-special token.
-        tok.add_tokens([AddedToken("\n\n", normalized=False)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        added_tokens=("\n\n",) if separator_token else (), eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +26,7 @@ def tokenizer():
     return _tokenizer()
 
 
-def _sample(i: int, question: str, steps: tuple[str, ...]) -> Sample:
-    return Sample(id=f"correct_t{i}", question=question, steps=steps, error_steps=(), classification="correct",
-                  source_idx=f"t{i}")
-
-
-SAMPLES = [
-    _sample(0, "What is 0.15 of 20?", ("Step 1. The rate is 15 percent.", "0.15 * 20 = 3", "", "Step 3. We get\n\n3.")),
-    _sample(1, "Short?", ("Yes.",)),
-    _sample(2, "A longer question: what is 3 + 3 + 3 + 3?",
-            ("  1. Add 3 and 3 to get 6. ", "Step 2: 6 + 6 = 12", "64.")),
-]
+SAMPLES = hand_samples()
 
 
 def official_input(tokenizer, sample: Sample):
@@ -95,12 +77,7 @@ def test_ids_and_reward_positions(tokenizer):
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, num_labels=2,
-    )
-    prm = Qwen2ForTokenClassification(config).eval()
+    prm = tiny_model(Qwen2ForTokenClassification, len(tokenizer), num_labels=2)
     # A random head gives nearly the same reward at every "\n\n": spread the rewards and centre them on the
     # threshold (median logit gap 0) so that both labels occur.
     with torch.no_grad():
@@ -114,30 +91,17 @@ def model(tokenizer):
     return prm
 
 
-def _packed(family, model, encoded, *, max_length=2048):
-    samples = [TokenizedSample(e.input_ids, e.reward_pos, key=i) for i, e in enumerate(encoded)]
-    out = {}
-    for batch in pack_batches(samples, max_length=max_length, batch_tokens=10_000):
-        hidden = backbone_hidden_states(model, batch)
-        scores = family.step_scores(model, hidden, batch.step_pos, backend="torch")
-        labels = family.step_labels(scores, batch.cu_steps)
-        cu = batch.cu_steps.tolist()
-        for b, key in enumerate(batch.sample_keys):
-            out[key] = (scores["validity"][cu[b]:cu[b + 1]], labels["validity"][cu[b]:cu[b + 1]])
-    return out
-
-
 def test_packed_scores_equal_the_official_reading(tokenizer, model):
     family = PurePRMFamily(tokenizer)
-    got = _packed(family, model, [family.encode(s) for s in SAMPLES])
+    got = packed_outputs(family, model, SAMPLES, backend="torch")
     all_labels = []
-    for i, sample in enumerate(SAMPLES):
+    for sample in SAMPLES:
         expected = official_scores(model, *official_input(tokenizer, sample))
         # fp32 both ways; packed per-segment attention vs one full forward differ by ~1e-6 in the hidden states,
         # and p1 - p0 moves by at most twice the probabilities' change.
-        torch.testing.assert_close(got[i][0], torch.tensor(expected), atol=2e-5, rtol=0)
-        assert got[i][1].tolist() == [s > 0.0 for s in expected]
-        all_labels += got[i][1].tolist()
+        torch.testing.assert_close(got[sample.id].scores["validity"], torch.tensor(expected), atol=2e-5, rtol=0)
+        assert got[sample.id].labels["validity"].tolist() == [s > 0.0 for s in expected]
+        all_labels += got[sample.id].labels["validity"].tolist()
     assert any(all_labels) and not all(all_labels), "the test model should give both labels"
 
 
@@ -146,12 +110,12 @@ def test_truncation_drops_late_separators(tokenizer, model):
     sample = SAMPLES[2]
     encoded = family.encode(sample)
     max_length = encoded.reward_pos[1] + 1
-    got = _packed(family, model, [encoded], max_length=max_length)
+    got = packed_outputs(family, model, [sample], max_length=max_length, backend="torch")
     input_ids, token_mask = official_input(tokenizer, sample)
     # The official respond() rebuilds the mask from the truncated attention mask: positions >= max_length vanish.
     expected = official_scores(model, input_ids[:max_length], token_mask[:max_length])
     assert len(expected) == 2
-    torch.testing.assert_close(got[0][0], torch.tensor(expected), atol=2e-5, rtol=0)
+    torch.testing.assert_close(got[sample.id].scores["validity"], torch.tensor(expected), atol=2e-5, rtol=0)
 
 
 def test_official_rounding_gives_bf16_differences(tokenizer, model):

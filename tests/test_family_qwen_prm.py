@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config
 
+from family_testing import bpe_tokenizer, hand_samples, make_sample, packed_outputs, tiny_model
 from prmbench_fast.data import Sample
 from prmbench_fast.families import FamilyError, family_class
 from prmbench_fast.families.qwen_prm import Qwen2ForProcessRewardModel, QwenPRMFamily
-from prmbench_fast.packing import TokenizedSample, backbone_hidden_states, pack_batches
 
 QWEN_TEMPLATE = (
     "{% for message in messages %}"
@@ -27,17 +26,10 @@ def _tokenizer(specials=SPECIALS, template=QWEN_TEMPLATE) -> PreTrainedTokenizer
         "What is 0.15 of 20? The rate is 15 percent. We get 3. So the answer is 3.",
         "system user assistant\n",
     ] * 4
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = template
-    return fast
+    return bpe_tokenizer(
+        corpus, pre_tokenizer="byte_level", vocab_size=320, special_tokens=specials, chat_template=template,
+        eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +37,7 @@ def tokenizer():
     return _tokenizer()
 
 
-def _sample(i: int, question: str, steps: tuple[str, ...]) -> Sample:
-    return Sample(id=f"correct_t{i}", question=question, steps=steps, error_steps=(), classification="correct",
-                  source_idx=f"t{i}")
-
-
-SAMPLES = [
-    _sample(0, "What is 0.15 of 20?", ("Step 1. The rate is 15 percent.", "0.15 * 20 = 3", "", "Step 3. We get\n\n3.")),
-    _sample(1, "Short?", ("Yes.",)),
-    _sample(2, "A longer question: what is 3 + 3 + 3 + 3?",
-            ("  1. Add 3 and 3 to get 6. ", "Step 2: 6 + 6 = 12", "64.")),
-]
+SAMPLES = hand_samples()
 
 
 # -- the official construction, written out ---------------------------------------------------------------------------
@@ -117,12 +99,7 @@ def test_ids_and_reward_positions(tokenizer):
 # -- scores and labels ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512,
-    )
-    prm = Qwen2ForProcessRewardModel(config).eval()
+    prm = tiny_model(Qwen2ForProcessRewardModel, len(tokenizer))
     # A random head gives nearly the same score at every separator: spread the scores and centre them on the
     # threshold (median logit gap 0) so that both labels occur.
     with torch.no_grad():
@@ -132,33 +109,26 @@ def model(tokenizer):
     return prm
 
 
-def _packed_scores(family, model, encoded, *, max_length=2048, batch_tokens=4096):
-    samples = [TokenizedSample(e.input_ids, e.reward_pos, key=i) for i, e in enumerate(encoded)]
-    out = {}
-    for batch in pack_batches(samples, max_length=max_length, batch_tokens=batch_tokens):
-        hidden = backbone_hidden_states(model, batch)
-        scores = family.step_scores(model, hidden, batch.step_pos, backend="torch")
-        labels = family.step_labels(scores, batch.cu_steps)
-        assert scores["validity"].dtype == torch.float32 and labels["validity"].dtype == torch.bool
-        cu = batch.cu_steps.tolist()
-        for b, key in enumerate(batch.sample_keys):
-            out[key] = (scores["validity"][cu[b]:cu[b + 1]], labels["validity"][cu[b]:cu[b + 1]])
-    return out
+def _packed(family, model, samples, *, max_length=2048):
+    """Our path (``family_testing.packed_outputs``), checking the dtypes of every sample's scores and labels."""
+    got = packed_outputs(family, model, samples, max_length=max_length, backend="torch")
+    for outputs in got.values():
+        assert outputs.scores["validity"].dtype == torch.float32 and outputs.labels["validity"].dtype == torch.bool
+    return got
 
 
 def test_packed_scores_equal_the_official_reading(tokenizer, model):
     family = QwenPRMFamily(tokenizer)
-    encoded = [family.encode(s) for s in SAMPLES]
-    got = _packed_scores(family, model, encoded, batch_tokens=10_000)  # all three samples in one packed row
-    for i, sample in enumerate(SAMPLES):
+    got = _packed(family, model, SAMPLES)  # all three samples in one packed row
+    for sample in SAMPLES:
         ids, separator_id = official_ids(tokenizer, sample)
         expected = torch.tensor(official_scores(model, ids, separator_id))
-        scores, labels = got[i]
+        scores, labels = got[sample.id].scores["validity"], got[sample.id].labels["validity"]
         # fp32 both ways; packed per-segment attention vs one full forward differ by ~1e-6 in the hidden states
         # (TOOLCHAIN.md), and a softmax probability moves by at most that times the head's gain.
         torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
         assert torch.equal(labels, torch.tensor([s > 0.5 for s in expected.tolist()]))
-    all_labels = torch.cat([got[i][1] for i in range(len(SAMPLES))])
+    all_labels = torch.cat([got[s.id].labels["validity"] for s in SAMPLES])
     assert all_labels.any() and not all_labels.all(), "the test model should give both labels"
 
 
@@ -167,11 +137,11 @@ def test_truncation_drops_late_separators_like_the_collator(tokenizer, model):
     sample = SAMPLES[0]
     encoded = family.encode(sample)
     max_length = encoded.reward_pos[1] + 1  # keeps the first two separators only (step 3 is empty: the third is next)
-    got = _packed_scores(family, model, [encoded], max_length=max_length)
+    got = _packed(family, model, [sample], max_length=max_length)
     ids, separator_id = official_ids(tokenizer, sample)
     expected = official_scores(model, ids[:max_length], separator_id)  # the collator cuts the ids, then the mask
     assert len(expected) == 2
-    torch.testing.assert_close(got[0][0], torch.tensor(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[sample.id].scores["validity"], torch.tensor(expected), atol=1e-5, rtol=0)
 
 
 def test_official_rounding_gives_bf16_probabilities(tokenizer, model):
@@ -225,6 +195,6 @@ def test_errors_name_the_family_and_sample(tokenizer):
     with pytest.raises(FamilyError, match="qwen_prm.*unknown options"):
         QwenPRMFamily(tokenizer, size="7B")
     family = QwenPRMFamily(tokenizer)
-    bad = _sample(9, "q", ("a step that spells <extra_0> itself",))
+    bad = make_sample(9, "q", ("a step that spells <extra_0> itself",))
     with pytest.raises(FamilyError, match="qwen_prm.*correct_t9.*2 '<extra_0>' tokens for 1 steps"):
         family.encode(bad)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, MistralConfig, PreTrainedTokenizerFast
 
+from family_testing import bpe_tokenizer, hand_samples, packed_outputs, tiny_model
 from prmbench_fast.data import Sample
 from prmbench_fast.families import FamilyError, family_class
 from prmbench_fast.families.reasoneval import ReasonEval7B, ReasonEval34B, ReasonEvalFamily, size_for
-from prmbench_fast.packing import TokenizedSample, backbone_hidden_states, pack_batches
 
 
 def _tokenizer(pad: str, name: str = "", bos_first: bool = True) -> PreTrainedTokenizerFast:
@@ -18,21 +17,11 @@ def _tokenizer(pad: str, name: str = "", bos_first: bool = True) -> PreTrainedTo
     corpus = [
         "Question:\nWhat is 0.15 of 20?\nAnswer:\nLet's think step by step.\n", "The rate is 15 percent. We get 3."
     ] * 4
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>"] if bos_first else ["<s>", "<unk>", "</s>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=pad
-    )
+    fast = bpe_tokenizer(
+        corpus, pre_tokenizer="byte_level", vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"] if bos_first else ["<s>", "<unk>", "</s>"], add_bos=True,
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=pad,
+    )  # fmt: skip
     fast.name_or_path = name
     return fast
 
@@ -47,17 +36,7 @@ def tok34():
     return _tokenizer(pad="<unk>")
 
 
-def _sample(i: int, question: str, steps: tuple[str, ...]) -> Sample:
-    return Sample(id=f"correct_t{i}", question=question, steps=steps, error_steps=(), classification="correct",
-                  source_idx=f"t{i}")
-
-
-SAMPLES = [
-    _sample(0, "What is 0.15 of 20?", ("Step 1. The rate is 15 percent.", "0.15 * 20 = 3", "", "Step 3. We get\n\n3.")),
-    _sample(1, "Short?", ("Yes.",)),
-    _sample(2, "A longer question: what is 3 + 3 + 3 + 3?",
-            ("  1. Add 3 and 3 to get 6. ", "Step 2: 6 + 6 = 12", "64.")),
-]
+SAMPLES = hand_samples()
 CLEANED = [
     ["The rate is 15 percent.", "15 * 20 = 3", "", "We get\n\n3."],
     ["Yes."],
@@ -126,13 +105,10 @@ def test_auto_size(tok7, tok34):
 
 # -- scores and labels ------------------------------------------------------------------------------------------------
 def _model(size: str, vocab: int):
-    torch.manual_seed(0)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512)
     if size == "7B":
-        model = ReasonEval7B(MistralConfig(**common, score_dimension=3, use_bias=True)).eval()
+        model = tiny_model(ReasonEval7B, vocab, score_dimension=3, use_bias=True)
     else:
-        model = ReasonEval34B(LlamaConfig(**common, score_dim=3, bias=True)).eval()
+        model = tiny_model(ReasonEval34B, vocab, score_dim=3, bias=True)
     with torch.no_grad():
         model.score_head.weight.mul_(100.0)  # spread the random probabilities
     return model
@@ -149,36 +125,21 @@ def official_scores(model, ids: list[int], indices: list[int]):
     return validity, redundancy, [v > 0.5 for v in validity], [r > 0.15 for r in redundancy]
 
 
-def _packed(family, model, encoded, *, max_length=2048):
-    samples = [TokenizedSample(e.input_ids, e.reward_pos, key=i) for i, e in enumerate(encoded)]
-    out = {}
-    for batch in pack_batches(samples, max_length=max_length, batch_tokens=10_000):
-        hidden = backbone_hidden_states(model, batch)
-        scores = family.step_scores(model, hidden, batch.step_pos, backend="torch")
-        labels = family.step_labels(scores, batch.cu_steps)
-        cu = batch.cu_steps.tolist()
-        for b, key in enumerate(batch.sample_keys):
-            sl = slice(cu[b], cu[b + 1])
-            out[key] = (
-                scores["validity"][sl], scores["redundancy"][sl], labels["validity"][sl], labels["redundancy"][sl]
-            )
-    return out
-
-
 @pytest.mark.parametrize("size", ["7B", "34B"])
 def test_packed_scores_equal_the_official_reading(tok7, tok34, size):
     tokenizer = tok7 if size == "7B" else tok34
     model = _model(size, len(tokenizer))
     family = ReasonEvalFamily(tokenizer, size=size)
-    got = _packed(family, model, [family.encode(s) for s in SAMPLES])
-    for i, (sample, cleaned) in enumerate(zip(SAMPLES, CLEANED)):
+    got = packed_outputs(family, model, SAMPLES, backend="torch")
+    for sample, cleaned in zip(SAMPLES, CLEANED):
         ids, indices = official_input(tokenizer, official_text(sample, cleaned, tokenizer.pad_token), size)
         validity, redundancy, v_labels, r_labels = official_scores(model, ids, indices)
         # fp32 both ways; packed per-segment attention vs one full forward differ by ~1e-6 in the hidden states.
-        torch.testing.assert_close(got[i][0], torch.tensor(validity), atol=2e-5, rtol=0)
-        torch.testing.assert_close(got[i][1], torch.tensor(redundancy), atol=2e-5, rtol=0)
-        assert got[i][2].tolist() == v_labels
-        assert got[i][3].tolist() == r_labels
+        scores, labels = got[sample.id]
+        torch.testing.assert_close(scores["validity"], torch.tensor(validity), atol=2e-5, rtol=0)
+        torch.testing.assert_close(scores["redundancy"], torch.tensor(redundancy), atol=2e-5, rtol=0)
+        assert labels["validity"].tolist() == v_labels
+        assert labels["redundancy"].tolist() == r_labels
 
 
 def test_truncation_drops_late_indices(tok34):
@@ -187,12 +148,12 @@ def test_truncation_drops_late_indices(tok34):
     sample, cleaned = SAMPLES[2], CLEANED[2]
     encoded = family.encode(sample)
     max_length = encoded.reward_pos[0] + 1
-    got = _packed(family, model, [encoded], max_length=max_length)
+    got = packed_outputs(family, model, [sample], max_length=max_length, backend="torch")
     ids, indices = official_input(tok34, official_text(sample, cleaned, "<unk>"), "34B")
     kept = [i for i in indices if i < max_length]  # the official filter, then the collator's cut
     validity, redundancy, _, _ = official_scores(model, ids[:max_length], kept)
     assert len(kept) == 1
-    torch.testing.assert_close(got[0][0], torch.tensor(validity), atol=2e-5, rtol=0)
+    torch.testing.assert_close(got[sample.id].scores["validity"], torch.tensor(validity), atol=2e-5, rtol=0)
 
 
 class _HeadOnly(torch.nn.Module):

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from prmbench_fast.data import Sample
+from family_testing import (
+    assert_all_match_official, assert_validity_matches, bpe_tokenizer, hand_samples, long_sample, packed_outputs,
+    tiny_model,
+)
 from prmbench_fast.families import FamilyError, family_class
 from prmbench_fast.families.rlhflow import RLHFlowFamily
-from prmbench_fast.packing import TokenizedSample, backbone_hidden_states, pack_batches
 
-# fp32 end to end: the packed backbone differs from a one-sample forward by ~1e-6 (tests/test_packing.py); the
-# full-vocabulary softmax of the step rows is computed in fp32 from the same logits.
-ATOL, RTOL = 1e-5, 1e-4
+# family_testing's ATOL/RTOL hold for this family: the full-vocabulary softmax of the step rows is computed in fp32 from
+# the same logits.
 
 # The Llama-3 chat layout (without 3.1's default system block): BOS in the template, turns trimmed.
 LLAMA3_TEMPLATE = (
@@ -23,11 +23,6 @@ LLAMA3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-# Llama 3's pre-tokenizer split: "\n\n" before "+" stays one chunk, so "\n\n" and "+" are one token each.
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-    r"\s+(?!\S)|\s+"
-)
 
 
 def _tokenizer(specials=SPECIALS, template=LLAMA3_TEMPLATE, eos="<|eot_id|>") -> PreTrainedTokenizerFast:
@@ -37,21 +32,10 @@ def _tokenizer(specials=SPECIALS, template=LLAMA3_TEMPLATE, eos="<|eot_id|>") ->
         turn.format("user", "A longer question: add 3 and 3 to get 6. step 2: 6 + 6 = 12 - 64.")
         + turn.format("assistant", "-"),
     ] * 5
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token=eos,
-                                   pad_token="<|end_of_text|>")
-    fast.chat_template = template
-    return fast
+    return bpe_tokenizer(
+        corpus, pre_tokenizer="llama3", vocab_size=400, special_tokens=specials, chat_template=template,
+        bos_token="<|begin_of_text|>", eos_token=eos, pad_token="<|end_of_text|>",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -61,29 +45,14 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model(LlamaForCausalLM, len(tokenizer), initializer_range=0.2)
     # A "+" row much larger than the others, so that P("+") over the whole vocabulary takes both sides of 0.5.
     with torch.no_grad():
         model.lm_head.weight[tokenizer.convert_tokens_to_ids("+")] = 3 * torch.randn(64)
     return model
 
 
-def _sample(i: int, question: str, steps: tuple[str, ...]) -> Sample:
-    return Sample(id=f"correct_t{i}", question=question, steps=steps, error_steps=(), classification="correct",
-                  source_idx=f"t{i}")
-
-
-SAMPLES = [
-    _sample(0, "What is 0.15 of 20?", ("Step 1. The rate is 15 percent.", "0.15 * 20 = 3", "", "Step 3. We get\n\n3.")),
-    _sample(1, "Short?", ("Yes.",)),
-    _sample(2, "A longer question: what is 3 + 3 + 3 + 3?",
-            ("  1. Add 3 and 3 to get 6. ", "step 2: 6 + 6 = 12", "64.")),
-]
+SAMPLES = hand_samples(second_step="step 2: 6 + 6 = 12")
 
 
 def _turns(*users: str) -> list[dict[str, str]]:
@@ -136,21 +105,6 @@ def official_scores(model, tokenizer, conversation, max_length=2048, pair=False)
     return scores, [s > 0.5 for s in scores]
 
 
-def packed_scores(family, model, samples, *, max_length=2048, batch_tokens=100_000, backend="auto"):
-    """Our path: encode, pack, backbone hidden states, family scores and labels; per sample id."""
-    encoded = [family.encode(s) for s in samples]
-    tokenized = [TokenizedSample(e.input_ids, e.reward_pos, key=s.id) for e, s in zip(encoded, samples)]
-    out = {}
-    for batch in pack_batches(tokenized, max_length=max_length, batch_tokens=batch_tokens):
-        hidden = backbone_hidden_states(model, batch)
-        scores = family.step_scores(model, hidden, batch.step_pos, backend=backend)
-        labels = family.step_labels(scores, batch.cu_steps)
-        cu = batch.cu_steps.tolist()
-        for b, key in enumerate(batch.sample_keys):
-            out[key] = (scores["validity"][cu[b]:cu[b + 1]], labels["validity"][cu[b]:cu[b + 1]].tolist())
-    return out
-
-
 # -- tests -------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("i", range(len(SAMPLES)))
 def test_conversation_is_the_official_one(tokenizer, i):
@@ -179,21 +133,15 @@ def test_ids_and_positions_are_official(tokenizer, i):
 @pytest.mark.parametrize("pair", [False, True])
 def test_scores_and_labels_match_official(tokenizer, model, backend, pair):
     family = RLHFlowFamily(tokenizer, pair_softmax=pair)
-    ours = packed_scores(family, model, SAMPLES, backend=backend)
-    all_labels = []
-    for sample, conversation in zip(SAMPLES, OFFICIAL_CONVERSATIONS):
-        scores, labels = official_scores(model, tokenizer, conversation, pair=pair)
-        torch.testing.assert_close(ours[sample.id][0], torch.tensor(scores), atol=ATOL, rtol=RTOL)
-        assert ours[sample.id][1] == labels
-        all_labels += labels
-    assert ours[SAMPLES[0].id][0].dtype == torch.float32
-    assert any(all_labels) and not all(all_labels), "the fixture should exercise both labels"
+    ours = packed_outputs(family, model, SAMPLES, backend=backend)
+    official = [official_scores(model, tokenizer, c, pair=pair) for c in OFFICIAL_CONVERSATIONS]
+    assert_all_match_official(ours, SAMPLES, official)
 
 
 def test_truncation_needs_the_whole_pattern_like_the_adapter(tokenizer, model):
     """The adapter searches the pattern in the cut ids: a score whose pattern straddles the cut is lost even though
     its read position (match + 3) is inside."""
-    long = _sample(9, "What is 0.15 of 20?", tuple(f"We get {k}." for k in range(6)))
+    long = long_sample(6)
     conversation = RLHFlowFamily.build_conversation(long)
     ids, pattern, _ = official_ids(tokenizer, conversation)
     match = find_subsequence(ids, pattern)[3]
@@ -201,9 +149,8 @@ def test_truncation_needs_the_whole_pattern_like_the_adapter(tokenizer, model):
     for max_length in (match + 4, match + 5, match + 6):  # read position kept in all three; pattern whole in the last
         scores, labels = official_scores(model, tokenizer, conversation, max_length=max_length)
         family = RLHFlowFamily(tokenizer, max_length=max_length)
-        ours = packed_scores(family, model, [long, SAMPLES[1]], max_length=max_length)
-        torch.testing.assert_close(ours[long.id][0], torch.tensor(scores), atol=ATOL, rtol=RTOL)
-        assert ours[long.id][1] == labels
+        ours = packed_outputs(family, model, [long, SAMPLES[1]], max_length=max_length)
+        assert_validity_matches(ours[long.id], scores, labels)
         counts.append(len(scores))
     assert counts == [3, 3, 4]
 

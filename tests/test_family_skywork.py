@@ -7,31 +7,22 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import FIXTURES
-from prmbench_fast.data import Sample
+from family_testing import bpe_tokenizer, hand_samples, make_sample, packed_outputs, tiny_model
 from prmbench_fast.families import FamilyError, family_class
 from prmbench_fast.families.skywork import SkyworkFamily, SkyworkPRMModel
-from prmbench_fast.packing import TokenizedSample, backbone_hidden_states, pack_batches
 
 
 def _tokenizer(bos="<|endoftext|>", tag_words=True) -> PreTrainedTokenizerFast:
     corpus = ["What is 0.15 of 20? Step 1: The rate is 15 percent. Step 2: We get 3.", "Step 3: So 3 + 3 = 6\n"] * 4
     if tag_words:
         corpus += ["ки ки ки ки", "ки\n"] * 4
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
+    return bpe_tokenizer(
+        corpus, pre_tokenizer="byte_level", vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
+        bos_token=bos, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +30,7 @@ def tokenizer():
     return _tokenizer()
 
 
-def _sample(i: int, question: str, steps: tuple[str, ...]) -> Sample:
-    return Sample(id=f"correct_t{i}", question=question, steps=steps, error_steps=(), classification="correct",
-                  source_idx=f"t{i}")
-
-
-SAMPLES = [
-    _sample(0, "What is 0.15 of 20?", ("Step 1. The rate is 15 percent.", "0.15 * 20 = 3", "", "Step 3. We get\n\n3.")),
-    _sample(1, "Short?", ("Yes.",)),
-    _sample(2, "A longer question: what is 3 + 3 + 3 + 3?",
-            ("  1. Add 3 and 3 to get 6. ", "Step 2: 6 + 6 = 12", "64.")),
-]
+SAMPLES = hand_samples()
 OFFICIAL_RESPONSES = [
     "Step 1: The rate is 15 percent. ки\nStep 2: 15 * 20 = 3 ки\nStep 3:  ки\nStep 4: We get\n\n3. ки\n",
     "Step 1: Yes. ки\n",
@@ -93,18 +74,12 @@ def test_ids_and_flags(tokenizer):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer):
     """A Skywork-style checkpoint: the causal LM's keys (model.*, lm_head.weight) plus v_head.summary.*."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        architectures=["Qwen2ForPrmModel"],
-    )
-    lm = Qwen2ForCausalLM(config).eval()
-    v_head = torch.nn.Linear(config.hidden_size, 1)
+    lm = tiny_model(Qwen2ForCausalLM, len(tokenizer), tie_word_embeddings=False, architectures=["Qwen2ForPrmModel"])
+    v_head = torch.nn.Linear(lm.config.hidden_size, 1)
     with torch.no_grad():
         v_head.weight.mul_(30.0)  # spread the random rewards over (0, 1)
     path = tmp_path_factory.mktemp("skywork")
-    config.save_pretrained(path)
+    lm.config.save_pretrained(path)
     tensors = {k: v.contiguous() for k, v in lm.state_dict().items()}
     tensors.update({"v_head.summary.weight": v_head.weight.data, "v_head.summary.bias": v_head.bias.data})
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -126,30 +101,17 @@ def official_labels(scores: list[float]) -> list[bool]:
     return [item > -0.05 for item in judge]
 
 
-def _packed(family, model, encoded, *, max_length=2048):
-    samples = [TokenizedSample(e.input_ids, e.reward_pos, key=i) for i, e in enumerate(encoded)]
-    out = {}
-    for batch in pack_batches(samples, max_length=max_length, batch_tokens=10_000):
-        hidden = backbone_hidden_states(model, batch)
-        scores = family.step_scores(model, hidden, batch.step_pos, backend="torch")
-        labels = family.step_labels(scores, batch.cu_steps)
-        cu = batch.cu_steps.tolist()
-        for b, key in enumerate(batch.sample_keys):
-            out[key] = (scores["validity"][cu[b]:cu[b + 1]], labels["validity"][cu[b]:cu[b + 1]])
-    return out
-
-
 def test_packed_scores_equal_the_official_reading(tokenizer, checkpoint):
     path, lm, v_head = checkpoint
     model = SkyworkFamily.load_model(str(path)).eval()
     assert isinstance(model, SkyworkPRMModel)
     family = SkyworkFamily(tokenizer)
-    got = _packed(family, model, [family.encode(s) for s in SAMPLES])
-    for i, (sample, response) in enumerate(zip(SAMPLES, OFFICIAL_RESPONSES)):
+    got = packed_outputs(family, model, SAMPLES, backend="torch")
+    for sample, response in zip(SAMPLES, OFFICIAL_RESPONSES):
         expected = official_rewards(lm, v_head, *official_prepare_input(sample.question, response, tokenizer))
         # fp32 both ways; packed per-segment attention vs one full forward differ by ~1e-6 in the hidden states.
-        torch.testing.assert_close(got[i][0], torch.tensor(expected), atol=1e-5, rtol=0)
-        assert got[i][1].tolist() == official_labels(expected)
+        torch.testing.assert_close(got[sample.id].scores["validity"], torch.tensor(expected), atol=1e-5, rtol=0)
+        assert got[sample.id].labels["validity"].tolist() == official_labels(expected)
 
 
 def test_truncation_drops_late_tags(tokenizer, checkpoint):
@@ -159,11 +121,11 @@ def test_truncation_drops_late_tags(tokenizer, checkpoint):
     sample = SAMPLES[0]
     encoded = family.encode(sample)
     max_length = encoded.reward_pos[2] + 1
-    got = _packed(family, model, [encoded], max_length=max_length)
+    got = packed_outputs(family, model, [sample], max_length=max_length, backend="torch")
     ids, flags = official_prepare_input(sample.question, OFFICIAL_RESPONSES[0], tokenizer)
     expected = official_rewards(lm, v_head, ids[:max_length], flags[:max_length])  # getitem_function cuts both
     assert len(expected) == 3
-    torch.testing.assert_close(got[0][0], torch.tensor(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[sample.id].scores["validity"], torch.tensor(expected), atol=1e-5, rtol=0)
 
 
 def test_difference_labels_by_hand(tokenizer):
@@ -227,4 +189,4 @@ def test_errors_name_the_family_and_sample(tokenizer):
     with pytest.raises(FamilyError, match="skywork.*unknown options"):
         SkyworkFamily(tokenizer, official_rounding=True)
     with pytest.raises(FamilyError, match="skywork.*correct_t7"):
-        SkyworkFamily(tokenizer).encode(_sample(7, "q", ("a step with ки inside",)))
+        SkyworkFamily(tokenizer).encode(make_sample(7, "q", ("a step with ки inside",)))
