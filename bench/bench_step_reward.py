@@ -34,10 +34,8 @@ Usage: .venv/bin/python bench/bench_step_reward.py [--vocab 32000 152064] [--hid
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -154,17 +152,6 @@ def _child(spec):
     )
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _mb(n):
     return f"{n / 2**20:,.1f}"
 
@@ -176,16 +163,12 @@ def main(argv=None):
         return
 
     import torch
-    import triton
+    from common import environment_line
 
     T, H = args.tokens, args.hidden
     S = args.steps if args.steps is not None else round(T * STEPS_PER_SAMPLE / TOKENS_PER_SAMPLE)
     elem = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    print(
-        f"# step-reward bench | device: {_cpu_name()} (CPU, {args.threads} threads; backend='auto' = torch path) | "
-        f"torch {torch.__version__} | triton {triton.__version__} | {stamp}"
-    )
+    print(f"# step-reward bench (CPU, {args.threads} threads; backend='auto' = torch path) | {environment_line()}")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"# T={T} tokens, S={S} steps ({100 * S / T:.1f} %), H={H}, dtype={args.dtype}, "
