@@ -19,9 +19,10 @@ from .data import PRMBenchDataset, load_prmbench
 from .evaluate import Report, evaluate
 from .families import Family, detect_family, family_class
 from .io import write_json_atomic, write_text_atomic
-from .packing import PackedBatch, backbone_hidden_states
+from .packing import TokenizedSample, backbone_hidden_states
+from .prefix_sharing import prefix_sharing_unsupported, shared_step_hidden
 from .results_store import ResultsStore
-from .token_cache import packed_batches
+from .token_cache import encode_dataset, packed_batches
 
 SCORE_FIELDS = {"validity": "step_level_validity_scores", "redundancy": "step_level_redundancy_scores"}
 LABEL_FIELDS = {"validity": "step_level_validity_labels", "redundancy": "step_level_redundancy_labels"}
@@ -74,8 +75,34 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _batch_results(dataset: PRMBenchDataset, batch: PackedBatch, scores, labels) -> list[dict[str, Any]]:
-    """Official result lines for the samples of one batch (one device-to-host copy per tensor)."""
+def _shared_units(fam: Family, dataset: PRMBenchDataset, todo, *, max_length: int, batch_tokens: int, cache_dir):
+    """Samples of ``todo`` as lists of whole problem groups (same source problem) of about ``batch_tokens`` tokens.
+
+    A group's variants share their prefixes, so a group is never split; a list is also the unit written to
+    ``output_dir`` at once (what a crash can lose). Returns the lists and their total tokens after truncation.
+    """
+    encoded = encode_dataset(fam, dataset, todo, cache_dir=cache_dir)
+    groups: dict[str, list[TokenizedSample]] = {}
+    for position, e in zip(todo, encoded):
+        groups.setdefault(dataset.samples[position].source_idx, []).append(
+            TokenizedSample(e.input_ids, e.reward_pos, key=position)
+        )
+    units: list[list[TokenizedSample]] = []
+    size = total = 0
+    for group in groups.values():
+        group_tokens = sum(min(len(s.input_ids), max_length) for s in group)
+        if not units or size + group_tokens > batch_tokens:
+            units.append([])
+            size = 0
+        units[-1].extend(group)
+        size += group_tokens
+        total += group_tokens
+    return units, total
+
+
+def _batch_results(dataset: PRMBenchDataset, batch, scores, labels) -> list[dict[str, Any]]:
+    """Official result lines for the samples of one packed batch or shared chunk (one device-to-host copy per
+    tensor): both carry ``sample_keys`` (dataset positions) and ``num_rewards`` in the order of the scores."""
     host_scores = {k: v.float().cpu().tolist() for k, v in scores.items()}
     host_labels = {k: v.cpu().tolist() for k, v in labels.items()}
     results = []
@@ -121,6 +148,7 @@ def score(
     backend: str = "auto",
     output_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
+    share_prefixes: bool | None = None,
     progress: bool = True,
     **family_options: Any,
 ) -> Report:
@@ -145,6 +173,9 @@ def score(
         output_dir: write per-sample results as they finish, the report and the table there; re-running with the
             same folder skips finished samples.
         cache_dir: keep tokenized samples on disk (safetensors) across processes; in-memory caching is always on.
+        share_prefixes: compute each prefix shared by a problem's variants once, from its KV cache
+            (``prmbench_fast.prefix_sharing``); scores equal the unshared pipeline's within fp32 rounding. Default
+            (None): on for causal decoders that support it, off otherwise.
         progress: show a progress bar with tokens/s and ETA.
         **family_options: passed to the family (e.g. ``separator=``/``reward_tokens=`` for ``generic``).
 
@@ -183,31 +214,49 @@ def score(
         finished = store.finished()
     todo = [i for i, s in enumerate(dataset.samples) if s.id not in finished][rank::world]
 
-    batches = packed_batches(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens, cache_dir=cache_dir)
+    share = prefix_sharing_unsupported(model) is None if share_prefixes is None else share_prefixes
+    if share:
+        units, tokens = _shared_units(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
+                                      cache_dir=cache_dir)
+    else:
+        units = packed_batches(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens, cache_dir=cache_dir)
+        tokens = sum(b.num_tokens for b in units)
     device = next(model.parameters()).device
-    bar = _Progress(sum(b.num_tokens for b in batches), progress and rank == 0)
+    bar = _Progress(tokens, progress and rank == 0)
     start = time.perf_counter()
     new_results: list[dict[str, Any]] = []
-    pending = []  # device outputs of batches not yet copied to the host (only without an output_dir)
+    pending = []  # device outputs not yet copied to the host (only without an output_dir)
+    tokens_computed = 0
+    dropped: list[int] = []  # rewards lost to truncation, per sample
     try:
         with _inference(model):
-            for batch in batches:
-                on_device = batch.to(device)
-                hidden = backbone_hidden_states(model, on_device)
-                scores = fam.step_scores(model, hidden, on_device.step_pos, backend=backend)
-                labels = fam.step_labels(scores, on_device.cu_steps)
+            for unit in units:
+                if share:
+                    # `unit` is a list of whole problem groups; their shared prefixes are computed once.
+                    rows = shared_step_hidden(model, unit, max_length=max_length, batch_tokens=batch_tokens)
+                    meta, hidden, step_pos, cu_steps = rows, rows.hidden, rows.step_pos, rows.cu_steps
+                    tokens_computed += rows.stats.tokens_computed
+                else:
+                    meta, on_device = unit, unit.to(device)
+                    hidden = backbone_hidden_states(model, on_device)
+                    step_pos, cu_steps = on_device.step_pos, on_device.cu_steps
+                    tokens_computed += unit.num_tokens
+                dropped.extend(meta.dropped_rewards)
+                scores = fam.step_scores(model, hidden, step_pos, backend=backend)
+                labels = fam.step_labels(scores, cu_steps)
                 if store is not None:
-                    results = _batch_results(dataset, batch, scores, labels)
+                    results = _batch_results(dataset, meta, scores, labels)
                     store.append(results)
                     new_results.extend(results)
                 else:
-                    pending.append((batch, scores, labels))
-                bar.update(batch.num_tokens)
-        for batch, scores, labels in pending:
-            new_results.extend(_batch_results(dataset, batch, scores, labels))
+                    pending.append((meta, scores, labels))
+                bar.update(meta.num_tokens)
+        for meta, scores, labels in pending:
+            new_results.extend(_batch_results(dataset, meta, scores, labels))
     finally:
         bar.close()
     seconds = time.perf_counter() - start
+    truncated_samples, rewards_lost = sum(1 for d in dropped if d), sum(dropped)
 
     if world > 1:
         gathered: list[list[dict[str, Any]]] = [[] for _ in range(world)]
@@ -219,18 +268,19 @@ def score(
     ordered = {s.id: predictions[s.id] for s in dataset.samples if s.id in predictions}
 
     report = evaluate(dataset, ordered)
-    tokens = sum(b.num_tokens for b in batches)
     report.run = {
         "family": fam.name,
         "model": _model_name(model),
         "samples_scored": len(todo),
         "samples_resumed": len(finished),
         "tokens": tokens,
+        "tokens_computed": tokens_computed,
+        "prefix_sharing": share,
         "seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         "samples_per_second": len(todo) / seconds if seconds > 0 else None,
-        "truncated_samples": sum(1 for b in batches for dropped in b.dropped_rewards if dropped),
-        "rewards_lost_to_truncation": sum(sum(b.dropped_rewards) for b in batches),
+        "truncated_samples": truncated_samples,
+        "rewards_lost_to_truncation": rewards_lost,
         "world_size": world,
     }
     report.predictions = ordered

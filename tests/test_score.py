@@ -69,6 +69,22 @@ def test_generic_scores_equal_the_plain_unpacked_computation(subset, tokenizer, 
     assert report.run["tokens"] > 0 and report.run["tokens_per_second"] > 0
 
 
+def test_prefix_sharing_gives_the_unshared_scores_with_fewer_tokens(subset, tokenizer, classifier):
+    shared = score(classifier, subset, tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH, progress=False)
+    plain = score(classifier, subset, tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH, progress=False,
+                  share_prefixes=False)
+    assert shared.run["prefix_sharing"] and not plain.run["prefix_sharing"]  # on by default for a causal decoder
+    # The subset holds complete problem groups (every class's variant of the same problems), so prefixes repeat.
+    assert shared.run["tokens_computed"] < shared.run["tokens"] == plain.run["tokens"] == plain.run["tokens_computed"]
+    for sample_id, result in plain.predictions.items():
+        ours = shared.predictions[sample_id]["scores"]
+        torch.testing.assert_close(torch.tensor(ours["step_level_validity_scores"]),
+                                   torch.tensor(result["scores"]["step_level_validity_scores"]), atol=1e-5, rtol=0)
+    assert shared.run["truncated_samples"] == plain.run["truncated_samples"] > 0
+    # No score of this random model sits within 1e-5 of the threshold, so the labels and the report agree exactly.
+    assert shared.official == plain.official
+
+
 class Wrapper(torch.nn.Module):
     """Stands for DDP/FSDP: the real model is `.module`."""
 
@@ -183,6 +199,8 @@ report = score(model, data, tokenizer=tokenizer, family="generic", max_length=51
 if not {distributed} or torch.distributed.get_rank() == 0:
     import json
     print("REPORT " + json.dumps(report.official, sort_keys=True))
+if {distributed}:
+    torch.distributed.destroy_process_group()  # a rank leaving with the group open can abort the other (gloo)
 """
 
 
@@ -234,7 +252,7 @@ def test_two_ranks_on_gloo_equal_one_process(tmp_path):
     single = subprocess.run([sys.executable, str(child_script(tmp_path, tmp_path / "single"))],
                             env=child_env(), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # a free port
     multi = subprocess.run([*torchrun, str(child_script(tmp_path, tmp_path / "multi", distributed=True))],
                            env=child_env(), capture_output=True, text=True, timeout=600)
     assert multi.returncode == 0, multi.stderr

@@ -1,0 +1,153 @@
+"""Prefix-shared hidden states equal the unshared pipeline's, with exactly the tree's token count.
+
+The oracle is the unshared pipeline itself: ``pack_batches`` + ``backbone_hidden_states`` rows at ``step_pos``.
+Tolerance: both sides are fp32 with hidden states of order 1 (after the final RMSNorm); the shared side only changes
+the reduction order inside attention (the prefix keys come from the cache, a split/masked SDPA instead of one causal
+call), which moves results by a few ulp per layer. Measured max difference: 5e-7 on these models; atol = rtol = 1e-5
+is 20x that and still far below any real error (a wrong position id or a leaked key changes rows by > 1e-2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from prmbench_fast.packing import TokenizedSample, backbone_hidden_states, pack_batches
+from prmbench_fast.prefix_sharing import (
+    prefix_attention_forward,
+    prefix_sharing_unsupported,
+    prefix_tree_tokens,
+    shared_step_hidden,
+)
+from tiny_models import tiny_llama
+
+MAX_LENGTH = 35
+VOCAB = 100
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def tiny_qwen2(*, sliding_window: int | None = None):
+    torch.manual_seed(1)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096,
+        use_sliding_window=sliding_window is not None, sliding_window=sliding_window or 4096, max_window_layers=1,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).eval()
+
+
+MODELS = {
+    "llama": lambda: tiny_llama(VOCAB),
+    "qwen2": tiny_qwen2,
+    # Layer 1 slides over 7 tokens: windows must be applied on absolute positions across the cached prefix.
+    "qwen2-sliding": lambda: tiny_qwen2(sliding_window=7),
+}
+
+
+def group() -> list[TokenizedSample]:
+    """Six variants of one 40-token "problem" (base tokens >= 10, modifications < 10, so they really differ).
+
+    Truncated to 35 tokens the tree is: "first" alone (30); base[:10] (10) -> "early" tail (15) and base[10:12] (2,
+    where "prefix" ends) -> base[12:20] (8) -> "a"/"twin" tail (15) and "mid" tail (15). 95 tokens of 172.
+    """
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(10, VOCAB, (40,), generator=g).tolist()
+    return [
+        TokenizedSample(base, [5, 10, 20, 39], "a"),  # 39 lies past the cut
+        TokenizedSample(list(base), [5, 10, 20, 39], "twin"),  # identical to its partner
+        TokenizedSample([1] + base[1:30], [0, 5, 29], "first"),  # diverges at the first token
+        TokenizedSample(base[:20] + [2, 3, 4] + base[23:], [5, 10, 19, 20, 22, 34], "mid"),  # diverges mid-way
+        TokenizedSample(base[:10] + [5] * 15, [9, 10, 24], "early"),
+        TokenizedSample(base[:12], [], "prefix"),  # no rewards; a strict prefix of "a"
+    ]
+
+
+def unshared_rows(model, samples) -> dict:
+    rows = {}
+    for batch in pack_batches(samples, max_length=MAX_LENGTH, batch_tokens=1000):
+        hidden = backbone_hidden_states(model, batch)[batch.step_pos]
+        bounds = batch.cu_steps.tolist()
+        for b, key in enumerate(batch.sample_keys):
+            rows[key] = (hidden[bounds[b]:bounds[b + 1]], batch.num_rewards[b], batch.dropped_rewards[b])
+    return rows
+
+
+def check_equal(model, samples, result) -> None:
+    expected = unshared_rows(model, samples)
+    assert result.sample_keys == tuple(s.key for s in samples)  # input order
+    assert torch.equal(result.step_pos, torch.arange(result.hidden.shape[0]))
+    bounds = result.cu_steps.tolist()
+    for b, key in enumerate(result.sample_keys):
+        rows, num, dropped = expected[key]
+        assert (result.num_rewards[b], result.dropped_rewards[b]) == (num, dropped), key
+        torch.testing.assert_close(result.hidden[bounds[b]:bounds[b + 1]], rows, **TOL, msg=key)
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+@pytest.mark.parametrize(
+    "batch_tokens, budget, computed, max_cached",
+    [
+        (1000, None, 95, 0),  # every subtree fits one call: the whole tree in one forward
+        (16, None, 95, 20),  # subtrees > 16 tokens are entered through the cache: base[:10], [10:12], [12:20]
+        (16, 11, 107, 10),  # base[10:12] ends past the budget: "prefix" (2), "a"/"twin" and "mid" (25 each) from 10
+        (16, 0, 137, 0),  # nothing cached: each distinct sample once (the twins still share)
+    ],
+)
+def test_rows_equal_unshared_and_tokens_exact(model, batch_tokens, budget, computed, max_cached):
+    samples = group()
+    result = shared_step_hidden(
+        model, samples, max_length=MAX_LENGTH, batch_tokens=batch_tokens, cache_budget_tokens=budget
+    )
+    check_equal(model, samples, result)
+    stats = result.stats
+    assert (stats.tokens_total, stats.tree_tokens, stats.tokens_computed) == (172, 95, computed)
+    assert stats.max_cached_tokens == max_cached
+    assert stats.max_cached_tokens <= (MAX_LENGTH if budget is None else budget)
+    assert result.truncated_tokens == 3 * 5 and result.dropped_rewards == (1, 1, 0, 0, 0, 0)
+    assert prefix_tree_tokens(samples, max_length=MAX_LENGTH) == (172, 95)
+
+
+def test_several_groups_shuffled(model):
+    """Two problems, samples interleaved: rows stay in input order. The second problem shifts every base token
+    (10..99 -> 11..99, 10), so the problems share only the leading modified token 1 of their "first" variants."""
+    first = group()
+    second = [TokenizedSample([(t - 9) % 90 + 10 if t >= 10 else t for t in s.input_ids], s.reward_pos, ("g2", s.key))
+              for s in group()]  # fmt: skip
+    samples = [s for pair in zip(second, first) for s in pair]
+    result = shared_step_hidden(model, samples, max_length=MAX_LENGTH, batch_tokens=40)
+    check_equal(model, samples, result)
+    assert result.stats.tokens_computed == result.stats.tree_tokens == 2 * 95 - 1
+
+
+def test_model_state_restored(model):
+    model.train()
+    previous = model.config._attn_implementation
+    try:
+        shared_step_hidden(model, group(), max_length=MAX_LENGTH, batch_tokens=16)
+        assert all(m.training for m in model.modules())
+        assert model.config._attn_implementation == previous
+    finally:
+        model.eval()
+
+
+def test_empty_and_unsupported():
+    model = tiny_llama(VOCAB)
+    result = shared_step_hidden(model, [], max_length=MAX_LENGTH, batch_tokens=16)
+    assert result.hidden.shape == (0, 64) and result.cu_steps.tolist() == [0] and result.stats.tokens_computed == 0
+    assert prefix_sharing_unsupported(model) is None
+    model.model.layers[0].self_attn.is_causal = False
+    assert "not causal" in prefix_sharing_unsupported(model)
+    with pytest.raises(ValueError, match="share_prefixes=False"):
+        shared_step_hidden(model, group(), max_length=MAX_LENGTH, batch_tokens=16)
+    assert "not a transformers model" in prefix_sharing_unsupported(torch.nn.Linear(2, 2))
+
+
+def test_attention_needs_its_plan():
+    q = torch.zeros(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="CallPlan"):
+        prefix_attention_forward(torch.nn.Module(), q, q, q, None)
