@@ -5,6 +5,7 @@ Layout of ``output_dir``:
     results.jsonl         one official result line per finished sample ({"idx", "scores": {...}}); rank r > 0 of a
                           distributed run writes results.rank<r>.jsonl
     report.json, table.txt  the final report, written atomically once every sample is scored
+    cache/                tokenized samples (safetensors), so a resumed run does not tokenize again
 
 Result lines are appended a batch at a time and fsync'ed, so a crash (even SIGKILL) loses at most the batch in flight;
 a torn last line is cut off on the next open. The files are the official toolkit's format: ``prmbench-fast evaluate``

@@ -172,7 +172,8 @@ def score(
         backend: kernel backend for the reward heads ("auto": Triton on CUDA, torch on CPU).
         output_dir: write per-sample results as they finish, the report and the table there; re-running with the
             same folder skips finished samples.
-        cache_dir: keep tokenized samples on disk (safetensors) across processes; in-memory caching is always on.
+        cache_dir: keep tokenized samples on disk (safetensors, keyed by family, options and tokenizer) across
+            processes; default ``output_dir/cache`` when an output_dir is given. In-memory caching is always on.
         share_prefixes: compute each prefix shared by a problem's variants once, from its KV cache
             (``prmbench_fast.prefix_sharing``); scores equal the unshared pipeline's within fp32 rounding. Default
             (None): on for causal decoders that support it, off otherwise.
@@ -212,6 +213,8 @@ def score(
                       "max_length": max_length, "samples": len(dataset)}
         store = ResultsStore(output_dir, run_config, rank=rank)
         finished = store.finished()
+        if cache_dir is None:
+            cache_dir = store.dir / "cache"  # a resumed run does not tokenize again
     todo = [i for i, s in enumerate(dataset.samples) if s.id not in finished][rank::world]
 
     share = prefix_sharing_unsupported(model) is None if share_prefixes is None else share_prefixes

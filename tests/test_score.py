@@ -140,6 +140,7 @@ def test_output_dir_resume_skips_finished_samples(subset, tokenizer, classifier,
                  batch_tokens=1024, output_dir=out, progress=False)
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
     assert len(lines) == len(subset)
+    assert len(list((out / "cache").glob("encoded-*.safetensors"))) == 1
     assert json.loads((out / "report.json").read_text())["official"] == json.loads(json.dumps(full.official))
     # Simulate a crash: half the lines and a torn final line survive.
     (out / "results.jsonl").write_text("".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:17])
