@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .classes import CLASS_DOMAIN, CLASS_ID, CORRECT, CORRECT_SOURCE_CLASS, ERROR_CLASSES
+from .classes import CLASS_DOMAIN, CLASS_ID, CORRECT, CORRECT_SOURCE_CLASS, ERROR_CLASSES, REDUNDANCY_CLASSES
 
 DEFAULT_HUB_DATASET = "hitsmy/PRMBench_Preview"
 DATA_ENV_VAR = "PRMBENCH_DATA"
@@ -174,7 +174,9 @@ class DatasetArrays:
     error_offsets: np.ndarray
     first_error: np.ndarray
     partner_position: np.ndarray
-    is_correct: list[bool]  # a Python list: indexed per prediction in the evaluator's loop
+    # Python lists, indexed per prediction in the evaluator's loop:
+    is_correct: list[bool]
+    redundancy_rule: list[bool]  # classes scored by NOT(redundancy label) when a prediction has those labels
 
     @classmethod
     def of(cls, samples: Sequence[Sample]) -> "DatasetArrays":
@@ -188,6 +190,7 @@ class DatasetArrays:
             first_error=np.array([min(s.error_steps) - 1 if s.error_steps else -1 for s in samples], dtype=np.int64),
             partner_position=np.array([position.get(s.partner_id, -1) for s in samples], dtype=np.int64),
             is_correct=[s.classification == CORRECT for s in samples],
+            redundancy_rule=[s.classification in REDUNDANCY_CLASSES for s in samples],
         )
 
     def gather_errors(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -81,24 +81,30 @@ class Report:
 
 @dataclasses.dataclass
 class _Scored:
-    """Valid predictions flattened into the op's inputs (one bucket: the correct samples, or the others)."""
+    """Valid predictions flattened into the op's inputs (one bucket: the correct samples, or the others).
 
-    positions: list[int] = dataclasses.field(default_factory=list)  # dataset positions of ``samples``
+    Almost every prediction's values are its validity labels (threshold ``LABEL_THRESHOLD``); the others are listed
+    in ``other_sources`` (sample index in the bucket -> (threshold, field)), which keeps the hot loop to a few appends.
+    """
+
+    positions: list[int] = dataclasses.field(default_factory=list)  # dataset positions of the samples
     step_values: list = dataclasses.field(default_factory=list)  # flat labels (0/1) and scores
-    thresholds: list[float] = dataclasses.field(default_factory=list)
     label_offsets: list[int] = dataclasses.field(default_factory=lambda: [0])
-    fields: list[str] = dataclasses.field(default_factory=list)  # the prediction field each sample's values came from
+    other_sources: dict[int, tuple[float, str]] = dataclasses.field(default_factory=dict)
 
     def then(self, other: "_Scored") -> "_Scored":
-        """This bucket followed by ``other``, offsets shifted."""
-        shift = len(self.step_values)
+        """This bucket followed by ``other``, offsets and indices shifted."""
+        shift, count = len(self.step_values), len(self.positions)
         return _Scored(
             self.positions + other.positions,
             self.step_values + other.step_values,
-            self.thresholds + other.thresholds,
             self.label_offsets + [o + shift for o in other.label_offsets[1:]],
-            self.fields + other.fields,
+            {**self.other_sources, **{i + count: v for i, v in other.other_sources.items()}},
         )
+
+    def source(self, index: int) -> tuple[float, str]:
+        """(threshold, field) of the ``index``-th sample's values."""
+        return self.other_sources.get(index, (LABEL_THRESHOLD, VALIDITY_LABELS))
 
 
 @dataclasses.dataclass
@@ -135,10 +141,9 @@ def _collect(dataset: PRMBenchDataset, predictions, validity_threshold: float, r
             ids = [_result_id(r, i) for i, r in enumerate(results)]  # raises, naming the bad entry
         items = zip(ids, results)
     position, samples = dataset.position, dataset.samples
-    is_correct = dataset.arrays.is_correct
+    is_correct, redundancy_rule = dataset.arrays.is_correct, dataset.arrays.redundancy_rule
     correct, others = _Scored(), _Scored()
-    kept: list[int] = []
-    seen: set[str] = set()
+    taken = bytearray(len(samples))  # 1 where a prediction was kept: the first result per id wins
     unknown: list[str] = []
     invalid: list[str] = []
     duplicates = num_correct_predictions = 0
@@ -147,37 +152,31 @@ def _collect(dataset: PRMBenchDataset, predictions, validity_threshold: float, r
         if where is None:
             unknown.append(sample_id)
             continue
-        if sample_id in seen:
+        if taken[where]:
             duplicates += 1
             continue
-        if not _is_mapping(result):
+        if type(result) is not dict and not isinstance(result, Mapping):
             raise PredictionError(f"prediction for sample {sample_id!r}: expected a dict, got {type(result).__name__}")
-        seen.add(sample_id)
-        kept.append(where)
+        taken[where] = 1
         num_correct_predictions += is_correct[where]
         if "validity" in result and not result["validity"]:
             invalid.append(sample_id)
             continue
-        sample = samples[where]
-        scores = result.get("scores", result) if type(result) is dict else _scores_of(sample, result)
+        scores = result.get("scores", result) if type(result) is dict else _scores_of(samples[where], result)
         step_values = scores.get(VALIDITY_LABELS) if type(scores) is dict else None
+        bucket = correct if is_correct[where] else others
         # Fast path (almost every prediction): validity labels as a list, on a class without the redundancy rule.
-        if type(step_values) is list and (
-            sample.classification not in REDUNDANCY_CLASSES or REDUNDANCY_LABELS not in scores
-        ):
-            threshold, field = LABEL_THRESHOLD, VALIDITY_LABELS
-        else:
+        if type(step_values) is not list or (redundancy_rule[where] and REDUNDANCY_LABELS in scores):
+            sample = samples[where]
             step_values, threshold, field = _step_values(
                 sample, _scores_of(sample, result), validity_threshold, redundancy_threshold
             )
-        bucket = correct if is_correct[where] else others
-        bucket.step_values.extend(step_values)
-        bucket.thresholds.append(threshold)
-        bucket.label_offsets.append(len(bucket.step_values))
-        bucket.fields.append(field)
+            bucket.other_sources[len(bucket.positions)] = (threshold, field)
+        values = bucket.step_values
+        values.extend(step_values)
+        bucket.label_offsets.append(len(values))
         bucket.positions.append(where)
-    predicted = np.zeros(len(samples), dtype=bool)
-    predicted[kept] = True
+    predicted = np.frombuffer(bytes(taken), dtype=np.uint8).astype(bool)
     return _Collected(
         scored=correct.then(others),
         num_correct_valid=len(correct.positions),
@@ -241,18 +240,20 @@ def _values_tensor(dataset: PRMBenchDataset, scored: _Scored) -> torch.Tensor:
         array = np.array(scored.step_values, dtype=np.float64)
     except (TypeError, ValueError):
         array = None
-    is_label = np.repeat(
-        np.array([f.endswith("labels") for f in scored.fields], dtype=bool), np.diff(scored.label_offsets)
-    )
+    is_label = np.ones(len(scored.positions), dtype=bool)
+    for index, (_, field) in scored.other_sources.items():
+        is_label[index] = field.endswith("labels")
+    is_label = np.repeat(is_label, np.diff(scored.label_offsets))
     if array is None or not np.all(np.where(is_label, (array == 0) | (array == 1), array == array)):
         _raise_for_bad_value(dataset, scored)
     return torch.from_numpy(array)
 
 
 def _raise_for_bad_value(dataset: PRMBenchDataset, scored: _Scored) -> None:
-    for where, field, start, end in zip(scored.positions, scored.fields, scored.label_offsets, scored.label_offsets[1:]):
-        sample = dataset.samples[where]
-        for i, v in enumerate(scored.step_values[start:end]):
+    offsets = scored.label_offsets
+    for index, where in enumerate(scored.positions):
+        sample, field = dataset.samples[where], scored.source(index)[1]
+        for i, v in enumerate(scored.step_values[offsets[index]:offsets[index + 1]]):
             if field.endswith("labels"):
                 if not (isinstance(v, (bool, int, float)) and v in (0, 1)):
                     raise PredictionError(
@@ -295,7 +296,7 @@ def evaluate(
     cu_labels = torch.tensor(scored.label_offsets, dtype=torch.int64)
     class_counts, sample_counts = step_confusion(
         _values_tensor(dataset, scored),
-        torch.tensor(scored.thresholds, dtype=torch.float64),
+        torch.tensor([scored.source(i)[0] for i in range(len(scored.positions))], dtype=torch.float64),
         cu_labels,
         torch.from_numpy(error_steps),
         torch.from_numpy(error_offsets),
