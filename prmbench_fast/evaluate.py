@@ -249,6 +249,13 @@ def _values_tensor(dataset: PRMBenchDataset, scored: _Scored) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def _thresholds(scored: _Scored) -> torch.Tensor:
+    thresholds = torch.full((len(scored.positions),), LABEL_THRESHOLD, dtype=torch.float64)
+    for index, (threshold, _) in scored.other_sources.items():
+        thresholds[index] = threshold
+    return thresholds
+
+
 def _raise_for_bad_value(dataset: PRMBenchDataset, scored: _Scored) -> None:
     offsets = scored.label_offsets
     for index, where in enumerate(scored.positions):
@@ -296,7 +303,7 @@ def evaluate(
     cu_labels = torch.tensor(scored.label_offsets, dtype=torch.int64)
     class_counts, sample_counts = step_confusion(
         _values_tensor(dataset, scored),
-        torch.tensor([scored.source(i)[0] for i in range(len(scored.positions))], dtype=torch.float64),
+        _thresholds(scored),
         cu_labels,
         torch.from_numpy(error_steps),
         torch.from_numpy(error_offsets),
