@@ -31,6 +31,7 @@ token cap: ``batch_tokens`` only bounds activation memory (T x hidden per layer)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
@@ -193,6 +194,26 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "base_model", model)
 
 
+@contextlib.contextmanager
+def attention_implementation(decoder: torch.nn.Module, name: str):
+    """Run ``decoder`` in eval mode with the registered attention function ``name``; afterwards its previous attention
+    implementation and every module's train/eval flag are restored, even on error."""
+    previous = decoder.config._attn_implementation
+    modes = [(module, module.training) for module in decoder.modules()]
+    try:
+        decoder.set_attn_implementation(name)
+        if decoder.config._attn_implementation != name:
+            # transformers only warns when a model cannot switch; running on would silently mix samples.
+            raise ValueError(f"{type(decoder).__name__} cannot switch its attention implementation to {name!r}")
+        decoder.eval()
+        yield
+    finally:
+        if decoder.config._attn_implementation != previous:
+            decoder.set_attn_implementation(previous)
+        for module, training in modes:
+            module.training = training
+
+
 def backbone_hidden_states(model: torch.nn.Module, batch: PackedBatch, *, backend: str = "auto") -> torch.Tensor:
     """Final-norm hidden states of a packed batch, without the LM head.
 
@@ -213,31 +234,17 @@ def backbone_hidden_states(model: torch.nn.Module, batch: PackedBatch, *, backen
     if backend not in varlen_attention.BACKENDS:
         raise ValueError(f"backend must be one of {varlen_attention.BACKENDS}, got {backend!r}")
     decoder = _decoder(model)
-    name = varlen_attention.register()
-    previous = decoder.config._attn_implementation
-    modes = [(module, module.training) for module in decoder.modules()]
-    try:
-        decoder.set_attn_implementation(name)
-        if decoder.config._attn_implementation != name:
-            # transformers only warns when a model cannot switch; running on would silently mix samples.
-            raise ValueError(f"{type(decoder).__name__} cannot switch its attention implementation to {name!r}")
-        decoder.eval()
-        bounds = tuple(itertools.accumulate(batch.seqlens, initial=0))
-        with torch.no_grad():
-            out = decoder(
-                input_ids=batch.input_ids[None],
-                position_ids=batch.position_ids[None],
-                use_cache=False,
-                cu_seq_lens_q=batch.cu_seqlens,
-                cu_seq_lens_k=batch.cu_seqlens,
-                max_length_q=batch.max_seqlen,
-                max_length_k=batch.max_seqlen,
-                prmbench_seq_bounds=bounds,
-                prmbench_backend=backend,
-            )
-    finally:
-        if decoder.config._attn_implementation != previous:
-            decoder.set_attn_implementation(previous)
-        for module, training in modes:
-            module.training = training
+    bounds = tuple(itertools.accumulate(batch.seqlens, initial=0))
+    with attention_implementation(decoder, varlen_attention.register()), torch.no_grad():
+        out = decoder(
+            input_ids=batch.input_ids[None],
+            position_ids=batch.position_ids[None],
+            use_cache=False,
+            cu_seq_lens_q=batch.cu_seqlens,
+            cu_seq_lens_k=batch.cu_seqlens,
+            max_length_q=batch.max_seqlen,
+            max_length_k=batch.max_seqlen,
+            prmbench_seq_bounds=bounds,
+            prmbench_backend=backend,
+        )
     return out.last_hidden_state[0]

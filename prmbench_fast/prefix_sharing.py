@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .packing import TokenizedSample, _decoder, _truncate
+from .packing import TokenizedSample, _decoder, _truncate, attention_implementation
 
 ATTN_IMPLEMENTATION = "prmbench_prefix"
 
@@ -551,22 +551,9 @@ def shared_step_hidden(
                 edge.rows.append(row)
                 edge.pos.append(pos)
 
-        name = register()
-        previous = decoder.config._attn_implementation
-        modes = [(module, module.training) for module in decoder.modules()]
-        try:
-            decoder.set_attn_implementation(name)
-            if decoder.config._attn_implementation != name:
-                raise ValueError(f"{type(decoder).__name__} cannot switch its attention implementation to {name!r}")
-            decoder.eval()
-            walker = _Walker(decoder, truncated, reward_rows, out, budget=budget, batch_tokens=batch_tokens)
-            with torch.no_grad():
-                walker.visit(root)
-        finally:
-            if decoder.config._attn_implementation != previous:
-                decoder.set_attn_implementation(previous)
-            for module, training in modes:
-                module.training = training
+        walker = _Walker(decoder, truncated, reward_rows, out, budget=budget, batch_tokens=batch_tokens)
+        with attention_implementation(decoder, register()), torch.no_grad():
+            walker.visit(root)
         stats = dataclasses.replace(
             stats,
             tokens_computed=walker.tokens_computed,
