@@ -23,6 +23,8 @@ from .families import Encoded, Family
 from .packing import PackedBatch, TokenizedSample, pack_batches
 
 _ENCODED: dict[str, dict[str, Encoded]] = {}
+#: cache file -> the sample ids it holds, as this process last read or wrote it.
+_ON_DISK: dict[str, set[str]] = {}
 _PACKED: collections.OrderedDict = collections.OrderedDict()
 #: Packed batch lists kept in memory: a training loop alternates between at most a couple of evaluation sets.
 PACKED_CACHE_SIZE = 4
@@ -63,18 +65,30 @@ def _save_disk(path: pathlib.Path, encoded: dict[str, Encoded]) -> None:
 def encode_dataset(
     family: Family, dataset: PRMBenchDataset, positions: Sequence[int], *, cache_dir: str | os.PathLike | None = None
 ) -> list[Encoded]:
-    """The family's encoding of ``dataset.samples[p]`` for each position, from the caches where possible."""
+    """The family's encoding of ``dataset.samples[p]`` for each position, from the caches where possible.
+
+    With a ``cache_dir``, the file is read once per process and rewritten whenever it lacks a requested sample,
+    including samples that were encoded earlier in memory only.
+    """
     key = family.cache_key()
     memory = _ENCODED.setdefault(key, {})
-    if cache_dir is not None and not memory and _disk_path(cache_dir, key).exists():
-        memory.update(_load_disk(_disk_path(cache_dir, key)))
-    missing = [p for p in positions if dataset.samples[p].id not in memory]
-    for p in missing:
-        sample = dataset.samples[p]
-        memory[sample.id] = family.encode(sample)
-    if missing and cache_dir is not None:
-        _save_disk(_disk_path(cache_dir, key), memory)
-    return [memory[dataset.samples[p].id] for p in positions]
+    on_disk = None
+    if cache_dir is not None:
+        path = _disk_path(cache_dir, key)
+        if str(path) not in _ON_DISK:
+            stored = _load_disk(path) if path.exists() else {}
+            for sample_id, encoded in stored.items():
+                memory.setdefault(sample_id, encoded)
+            _ON_DISK[str(path)] = set(stored)
+        on_disk = _ON_DISK[str(path)]
+    wanted = [dataset.samples[p] for p in positions]
+    for sample in wanted:
+        if sample.id not in memory:
+            memory[sample.id] = family.encode(sample)
+    if on_disk is not None and any(sample.id not in on_disk for sample in wanted):
+        _save_disk(path, memory)
+        _ON_DISK[str(path)] = set(memory)
+    return [memory[sample.id] for sample in wanted]
 
 
 def packed_batches(

@@ -125,6 +125,7 @@ def test_disk_cache_of_tokenized_samples(subset, tokenizer, classifier, tmp_path
                   max_length=MAX_LENGTH, cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("encoded-*.safetensors"))) == 1
     monkeypatch.setattr(token_cache, "_ENCODED", {})  # a new process: memory caches empty
+    monkeypatch.setattr(token_cache, "_ON_DISK", {})
     monkeypatch.setattr(token_cache, "_PACKED", type(token_cache._PACKED)())
     from prmbench_fast.families.generic import GenericPRM
 
