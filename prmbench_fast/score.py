@@ -48,9 +48,7 @@ def _load(model: str | os.PathLike, family: str, tokenizer, dtype, device):
     config = transformers.AutoConfig.from_pretrained(path)
     name = family if family != "auto" else detect_family(config, path)
     cls = family_class(name)
-    loaded = cls.load_model(path, dtype=dtype or torch.float32) if hasattr(cls, "load_model") else getattr(
-        transformers, cls.auto_class
-    ).from_pretrained(path, dtype=dtype or torch.float32)
+    loaded = cls.load_model(path, dtype=dtype or torch.float32)
     if tokenizer is None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return loaded.to(device or "cpu"), tokenizer, name

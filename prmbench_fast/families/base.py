@@ -56,6 +56,14 @@ class Family(abc.ABC):
         self.tokenizer = tokenizer
         self.options = options
 
+    @classmethod
+    def load_model(cls, name_or_path: str, **from_pretrained_kwargs: Any) -> torch.nn.Module:
+        """Load a checkpoint of this family (offline files). Default: ``transformers.<auto_class>``; families whose
+        heads no auto class builds (custom value/score heads) override this with their own model class."""
+        import transformers
+
+        return getattr(transformers, cls.auto_class).from_pretrained(name_or_path, **from_pretrained_kwargs)
+
     # -- input ------------------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def encode(self, sample: Sample) -> Encoded:
