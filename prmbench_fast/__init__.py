@@ -3,10 +3,12 @@
 Public API:
     load_prmbench(source=None, *, classes=None, limit_per_class=None) -> PRMBenchDataset
     evaluate(dataset, predictions, *, validity_threshold=0.5, redundancy_threshold=0.15, backend="auto") -> Report
+    score(model, dataset=None, *, tokenizer=None, family="auto", max_length=2048, ...) -> Report
     step_rewards(hidden, step_pos, weight, bias=None, *, activation="softmax", backend="auto") -> (S, C) float32
     step_token_probs(hidden, step_pos, lm_head_weight, token_ids, *, lm_head_bias=None, backend="auto") -> (S, K)
 
-Importing the package touches no GPU and does not import Triton; the kernels load on first use.
+Importing the package touches no GPU and does not import Triton or transformers; score() and the kernels load on
+first use.
 """
 
 from .data import PRMBenchDataError, PRMBenchDataset, Sample, load_prmbench
@@ -15,6 +17,7 @@ from .evaluate import PredictionError, Report, evaluate
 __version__ = "0.1.0"
 
 _LAZY = {
+    "score": ("prmbench_fast.scoring", "score"),
     "step_rewards": ("prmbench_fast.kernels.step_reward", "step_rewards"),
     "step_token_probs": ("prmbench_fast.kernels.step_reward", "step_token_probs"),
 }

@@ -42,7 +42,7 @@ def _score(args: argparse.Namespace) -> int:
     import torch
 
     from .data import load_prmbench
-    from .score import score
+    from .scoring import score
 
     dataset = load_prmbench(args.data, limit_per_class=args.limit_per_class)
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -415,7 +415,7 @@ def test_critic_result_labels_and_invalid_form():
 def test_score_and_the_cli_reach_the_critic(cases_server, tmp_path, capsys):
     from prmbench_fast.cli import main
     from prmbench_fast.io import read_predictions
-    from prmbench_fast.score import score
+    from prmbench_fast import score
 
     direct = score_critic(DATASET, api_base=cases_server.url, api_model="critic-test", api_key="k",
                           max_retries=MAX_RETRIES, **{**FAST, "timeout": TIMEOUT})

@@ -169,7 +169,7 @@ def test_does_not_match_others(name):
 
 def test_score_hands_its_max_length_to_the_encoding(tokenizer, model):
     from prmbench_fast.data import PRMBenchDataset
-    from prmbench_fast.score import score
+    from prmbench_fast import score
 
     long = long_sample(12)
     max_length = len(MathMinosFamily(tokenizer, max_length=10_000).encode(long).input_ids) // 2

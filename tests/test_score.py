@@ -14,7 +14,7 @@ import torch
 from conftest import PRMBENCH_JSONL, REPO_ROOT
 from prmbench_fast import evaluate, load_prmbench
 from prmbench_fast.families import FamilyError
-from prmbench_fast.score import score
+from prmbench_fast import score
 from tiny_models import tiny_llama, train_tokenizer
 
 MAX_LENGTH = 384  # small enough that some PRMBench samples get truncated with the tiny tokenizer
@@ -188,7 +188,7 @@ import os, sys
 sys.path.insert(0, {tests!r})
 import torch
 from prmbench_fast import load_prmbench
-from prmbench_fast.score import score
+from prmbench_fast import score
 from tiny_models import tiny_llama, train_tokenizer
 
 data = load_prmbench({data!r}, limit_per_class={limit})
@@ -282,3 +282,14 @@ def test_smollm2_lm_judge_on_a_few_samples_per_class(tmp_path):
         assert len(scores) == len(data.by_id[r["idx"]].steps)  # no truncation at 2048 for these samples
     assert report["run"]["family"] == "lm_judge"
     assert 0.0 <= report["table"]["Overall"] <= 100.0
+
+
+def test_public_api_is_the_function_and_import_is_light():
+    code = (
+        "import sys, prmbench_fast\n"
+        "assert 'triton' not in sys.modules and 'transformers' not in sys.modules, 'heavy import at package import'\n"
+        "import prmbench_fast.scoring\n"
+        "assert callable(prmbench_fast.score) and prmbench_fast.score is prmbench_fast.scoring.score\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env())
+    assert result.returncode == 0, result.stderr
