@@ -98,20 +98,55 @@ def _shared_units(fam: Family, dataset: PRMBenchDataset, todo, *, max_length: in
     return units, total
 
 
-def _batch_results(dataset: PRMBenchDataset, batch, scores, labels) -> list[dict[str, Any]]:
-    """Official result lines for the samples of one packed batch or shared chunk (one device-to-host copy per
-    tensor): both carry ``sample_keys`` (dataset positions) and ``num_rewards`` in the order of the scores."""
+def _batch_results(dataset: PRMBenchDataset, positions, num_rewards, scores, labels) -> list[dict[str, Any]]:
+    """Official result lines of samples whose scores are concatenated in ``scores``/``labels`` (one device-to-host
+    copy per tensor); ``positions`` are their dataset positions, ``num_rewards`` their score counts, in that order."""
     host_scores = {k: v.float().cpu().tolist() for k, v in scores.items()}
     host_labels = {k: v.cpu().tolist() for k, v in labels.items()}
     results = []
     start = 0
-    for position, count in zip(batch.sample_keys, batch.num_rewards):
+    for position, count in zip(positions, num_rewards):
         end = start + count
         fields = {SCORE_FIELDS[k]: v[start:end] for k, v in host_scores.items()}
         fields.update({LABEL_FIELDS[k]: v[start:end] for k, v in host_labels.items()})
         results.append({"idx": dataset.samples[position].id, "scores": fields})
         start = end
     return results
+
+
+def _all_gather_ragged(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's 1-D ``tensor`` concatenated in rank order, on the tensors' device (lengths may differ)."""
+    size = torch.tensor([tensor.numel()], dtype=torch.int64, device=tensor.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    lengths = [int(n) for n in torch.cat(sizes).tolist()]  # one sync, after the forward passes
+    if max(lengths) == 0:  # every rank agrees on this, so all skip the second collective together
+        return tensor
+    padded = torch.zeros(max(lengths), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.numel()] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, lengths)])
+
+
+def _gathered_outputs(outputs, fields: tuple[str, ...], device: torch.device, world: int):
+    """All ranks' per-sample outputs as flat device tensors: (positions, num_rewards, scores, labels).
+
+    ``outputs`` holds, per batch of this rank, (sample positions, score counts, scores, labels). Labels travel as
+    uint8 (not every backend reduces bool tensors).
+    """
+    positions = torch.tensor([p for keys, _, _, _ in outputs for p in keys], dtype=torch.int64, device=device)
+    counts = torch.tensor([n for _, nums, _, _ in outputs for n in nums], dtype=torch.int64, device=device)
+    scores = {f: torch.cat([s[f].float() for _, _, s, _ in outputs] or [torch.empty(0, device=device)]) for f in fields}
+    labels = {
+        f: torch.cat([lab[f].to(torch.uint8) for _, _, _, lab in outputs] or [torch.empty(0, dtype=torch.uint8, device=device)])
+        for f in fields
+    }
+    if world > 1:
+        positions, counts = _all_gather_ragged(positions, world), _all_gather_ragged(counts, world)
+        scores = {f: _all_gather_ragged(v, world) for f, v in scores.items()}
+        labels = {f: _all_gather_ragged(v, world) for f, v in labels.items()}
+    return positions, counts, scores, {f: v.bool() for f, v in labels.items()}
 
 
 class _Progress:
@@ -225,8 +260,7 @@ def score(
     device = next(model.parameters()).device
     bar = _Progress(tokens, progress and rank == 0)
     start = time.perf_counter()
-    new_results: list[dict[str, Any]] = []
-    pending = []  # device outputs not yet copied to the host (only without an output_dir)
+    outputs = []  # per batch: (sample positions, score counts, scores, labels); tensors stay on the device
     tokens_computed = 0
     dropped: list[int] = []  # rewards lost to truncation, per sample
     try:
@@ -245,24 +279,20 @@ def score(
                 dropped.extend(meta.dropped_rewards)
                 scores = fam.step_scores(model, hidden, step_pos, backend=backend)
                 labels = fam.step_labels(scores, cu_steps)
+                outputs.append((meta.sample_keys, meta.num_rewards, scores, labels))
                 if store is not None:
-                    results = _batch_results(dataset, meta, scores, labels)
-                    store.append(results)
-                    new_results.extend(results)
-                else:
-                    pending.append((meta, scores, labels))
+                    store.append(_batch_results(dataset, meta.sample_keys, meta.num_rewards, scores, labels))
                 bar.update(meta.num_tokens)
-        for meta, scores, labels in pending:
-            new_results.extend(_batch_results(dataset, meta, scores, labels))
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     truncated_samples, rewards_lost = sum(1 for d in dropped if d), sum(dropped)
 
-    if world > 1:
-        gathered: list[list[dict[str, Any]]] = [[] for _ in range(world)]
-        torch.distributed.all_gather_object(gathered, new_results)
-        new_results = [r for part in gathered for r in part]
+    # Under torch.distributed every rank gathers every rank's outputs (as tensors, on the device) and evaluates them
+    # all, so every rank returns the same report.
+    fields = ("validity",) if fam.redundancy_threshold is None else ("validity", "redundancy")
+    positions, counts, scores, labels = _gathered_outputs(outputs, fields, device, world)
+    new_results = _batch_results(dataset, positions.tolist(), counts.tolist(), scores, labels)
     predictions = dict(finished)
     for result in new_results:
         predictions.setdefault(result["idx"], result)
