@@ -28,8 +28,7 @@ from typing import Any, Mapping
 from .data import PRMBenchDataset, Sample, load_prmbench
 from .evaluate import Report, evaluate
 from .families.text import clean_step
-from .io import write_json_atomic, write_text_atomic
-from .results_store import ResultsStore
+from .results_store import ResultsStore, ordered_predictions
 
 RESPONSES_FILE = "responses.jsonl"
 
@@ -504,10 +503,7 @@ def score_critic(
             responses.close()
     seconds = time.perf_counter() - start
 
-    predictions = dict(finished)
-    for result in new_results:
-        predictions.setdefault(result["idx"], result)
-    ordered = {s.id: predictions[s.id] for s in dataset.samples if s.id in predictions}
+    ordered = ordered_predictions(dataset, finished, new_results)
     report = evaluate(dataset, ordered)
     report.run = {
         "family": "critic",
@@ -533,7 +529,5 @@ def score_critic(
     }
     report.predictions = ordered
     if store is not None:
-        write_json_atomic(store.dir / "report.json", {"official": report.official, "table": report.table,
-                                                       "diagnostics": report.diagnostics, "run": report.run})
-        write_text_atomic(store.dir / "table.txt", report.format_table() + "\n")
+        store.write_report(report)
     return report

@@ -19,13 +19,21 @@ import os
 import pathlib
 from typing import Any, Iterable
 
-from .io import write_json_atomic
+from .io import write_json_atomic, write_text_atomic
 
 RUN_FILE = "run.json"
 
 
 class RunMismatchError(ValueError):
     """``output_dir`` holds a run made with other settings; resuming would mix two runs."""
+
+
+def ordered_predictions(dataset, finished: dict[str, Any], new_results: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Resumed and new results together, in dataset order; the first result per id wins (as in the official tools)."""
+    predictions = dict(finished)
+    for result in new_results:
+        predictions.setdefault(result["idx"], result)
+    return {s.id: predictions[s.id] for s in dataset.samples if s.id in predictions}
 
 
 def results_file(output_dir: pathlib.Path, rank: int) -> pathlib.Path:
@@ -83,3 +91,9 @@ class ResultsStore:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+    def write_report(self, report) -> None:
+        """The final report.json and table.txt, each written atomically."""
+        write_json_atomic(self.dir / "report.json", {"official": report.official, "table": report.table,
+                                                      "diagnostics": report.diagnostics, "run": report.run})
+        write_text_atomic(self.dir / "table.txt", report.format_table() + "\n")

@@ -18,10 +18,9 @@ import torch
 from .data import PRMBenchDataset, load_prmbench
 from .evaluate import Report, evaluate
 from .families import Family, detect_family, family_class
-from .io import write_json_atomic, write_text_atomic
 from .packing import TokenizedSample, backbone_hidden_states
 from .prefix_sharing import prefix_sharing_unsupported, shared_step_hidden
-from .results_store import ResultsStore
+from .results_store import ResultsStore, ordered_predictions
 from .token_cache import encode_dataset, packed_batches
 
 SCORE_FIELDS = {"validity": "step_level_validity_scores", "redundancy": "step_level_redundancy_scores"}
@@ -293,10 +292,7 @@ def score(
     fields = ("validity",) if fam.redundancy_threshold is None else ("validity", "redundancy")
     positions, counts, scores, labels = _gathered_outputs(outputs, fields, device, world)
     new_results = _batch_results(dataset, positions.tolist(), counts.tolist(), scores, labels)
-    predictions = dict(finished)
-    for result in new_results:
-        predictions.setdefault(result["idx"], result)
-    ordered = {s.id: predictions[s.id] for s in dataset.samples if s.id in predictions}
+    ordered = ordered_predictions(dataset, finished, new_results)
 
     report = evaluate(dataset, ordered)
     report.run = {
@@ -316,7 +312,5 @@ def score(
     }
     report.predictions = ordered
     if store is not None and rank == 0:
-        write_json_atomic(store.dir / "report.json", {"official": report.official, "table": report.table,
-                                                       "diagnostics": report.diagnostics, "run": report.run})
-        write_text_atomic(store.dir / "table.txt", report.format_table() + "\n")
+        store.write_report(report)
     return report
