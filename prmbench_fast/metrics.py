@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from .classes import CLASS_ABBREVIATIONS, CORRECT, DOMAINS
+from .classes import CLASS_ABBREVIATIONS, DOMAINS
 
 STEP_METRICS = ("correct_step_acc", "wrong_step_acc", "total_step_acc", "first_error_acc", "similarity")
 F1_METRICS = ("precision", "recall", "f1", "negative_precision", "negative_recall", "negative_f1")
@@ -100,7 +100,3 @@ def format_table(table: Mapping[str, float | None]) -> str:
     header = " | ".join(c.rjust(w) for c, w in zip(TABLE_COLUMNS, widths))
     row = " | ".join(("-" if table[c] is None else f"{table[c]:.1f}").rjust(w) for c, w in zip(TABLE_COLUMNS, widths))
     return f"{header}\n{'-' * len(header)}\n{row}"
-
-
-def is_error_class(cls: str) -> bool:
-    return cls != CORRECT

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import torch
 
-#: Columns of the per-class and per-sample confusion counts.
-CONFUSION_COLUMNS = ("TP", "FP", "TN", "FN")
-#: Columns of the per-sample figures returned by :func:`step_confusion_reference`.
-SAMPLE_COLUMNS = CONFUSION_COLUMNS + ("positive_labels", "first_error_hit")
-
 
 def step_confusion_reference(
     step_values: torch.Tensor,

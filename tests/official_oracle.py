@@ -8,6 +8,11 @@ shares no code with the package.
 from __future__ import annotations
 
 
+def avg(xs):
+    """The official mean of a list of 0/1 entries (or floats): sum / len, -1 when empty."""
+    return sum(xs) / len(xs) if xs else -1
+
+
 def score_one_sample(error_steps_1based, labels):
     """Per-sample scoring: the labels drive the loop; a correct step is the positive class (label == 1)."""
     errors = [e - 1 for e in error_steps_1based]
@@ -36,9 +41,6 @@ def score_one_sample(error_steps_1based, labels):
                 fn += 1
                 correct_list.append(0)
                 total_list.append(0)
-
-    def avg(xs):
-        return sum(xs) / len(xs) if xs else -1
 
     return {
         "correct_step_acc": avg(correct_list),
@@ -143,9 +145,6 @@ def evaluate_official(results, samples):
             total_lists["similarity"].append(sim)
             per_class_lists["similarity"][cls].append(sim)
         details[r["idx"]] = res
-
-    def avg(xs):
-        return sum(xs) / len(xs) if xs else -1
 
     totals = {m: avg(total_lists[m]) for m in step_metrics + ["similarity"]}
     totals.update(_prf(total_counts["TP"], total_counts["FP"], total_counts["TN"], total_counts["FN"]))
