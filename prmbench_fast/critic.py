@@ -442,7 +442,8 @@ def score_critic(
         ``report.predictions`` (the official result dicts) and ``report.run`` (requests, retries, invalid answers,
         tokens, seconds, requests/s).
     """
-    import openai
+    from .extras import require
+    openai = require("openai", "critic", "LLM critics through an OpenAI-compatible API")
 
     if not 0 <= shots <= len(FEW_SHOTS):
         raise ValueError(f"shots must be 0, 1 or 2, got {shots}")
