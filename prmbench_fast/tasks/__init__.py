@@ -1,0 +1,48 @@
+"""Tasks: which samples a run evaluates and which evaluator rule scores them (the official toolkit's tasks, SPEC §5).
+
+- ``"prmbench"`` (default): the full benchmark, the official ``prmtest_classified`` task.
+- ``"subset400"``: the official ``prmtest_classified_subset400`` quick task: its 394 rows (+ the clean partners of its
+  ``redundency`` rows), scored with that task's validity-rate denominator.
+- ``"bon"``: the official ``prmbench_bon`` best-of-n task: pass@n, maj@n and PRM-BoN.
+
+The contract every task follows (what ``load_prmbench(task=)``, ``evaluate(task=)``, ``score(task=)`` and the CLI's
+``--task`` call)::
+
+    task = get_task(name)
+    dataset = task.load(source, **load_options)          # samples with .id, .question, .steps, .source_idx
+    report = task.evaluate(dataset, predictions, **evaluate_options)
+
+Tasks are modules imported on first use, so the BoN task's imports cost nothing to the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+#: name -> module (in this package) defining ``TASK``.
+_MODULES = {"prmbench": "prmbench", "subset400": "subset400", "bon": "bon"}
+TASK_NAMES = tuple(_MODULES)
+DEFAULT_TASK = "prmbench"
+
+
+class Task(Protocol):
+    """What a task provides. ``load`` builds the samples; ``evaluate`` scores predictions on them."""
+
+    name: str
+
+    def load(self, source: Any = None, **options: Any) -> Any:
+        """The task's evaluation set from ``source`` (a file, a folder, a hub id; None: the task's default)."""
+
+    def evaluate(self, dataset: Any, predictions: Any, **options: Any) -> Any:
+        """Score ``predictions`` (official result dicts, ``{id: result}``, or flat step predictions) on ``dataset``."""
+
+
+def get_task(name: str) -> Task:
+    """The task registered under ``name``; a ValueError listing the tasks otherwise."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASK_NAMES)}")
+    return importlib.import_module(f"{__name__}.{_MODULES[name]}").TASK
+
+
+__all__ = ["DEFAULT_TASK", "TASK_NAMES", "Task", "get_task"]
