@@ -3,6 +3,8 @@
 Public API:
     load_prmbench(source=None, *, classes=None, limit_per_class=None) -> PRMBenchDataset
     evaluate(dataset, predictions, *, validity_threshold=0.5, redundancy_threshold=0.15, backend="auto") -> Report
+    evaluate_steps(dataset, step_predictions, *, backend="auto") -> Report   (the flat predictions layout)
+    PRMBenchMetric(dataset, ...): update(sample_pos, step_scores, cu_steps, ...) / compute() / reset()
     score(model, dataset=None, *, tokenizer=None, family="auto", max_length=2048, ...) -> Report
     step_rewards(hidden, step_pos, weight, bias=None, *, activation="softmax", backend="auto") -> (S, C) float32
     step_token_probs(hidden, step_pos, lm_head_weight, token_ids, *, lm_head_bias=None, backend="auto") -> (S, K)
@@ -12,7 +14,9 @@ first use.
 """
 
 from .data import PRMBenchDataError, PRMBenchDataset, Sample, load_prmbench
-from .evaluate import PredictionError, Report, evaluate
+from .evaluate import PredictionError, Report, evaluate, evaluate_steps
+from .metric import PRMBenchMetric
+from .predictions import StepPredictions
 
 __version__ = "0.1.0"
 
@@ -25,10 +29,13 @@ _LAZY = {
 __all__ = [
     "PRMBenchDataError",
     "PRMBenchDataset",
+    "PRMBenchMetric",
     "PredictionError",
     "Report",
     "Sample",
+    "StepPredictions",
     "evaluate",
+    "evaluate_steps",
     "load_prmbench",
     *_LAZY,
 ]

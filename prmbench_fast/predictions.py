@@ -1,0 +1,510 @@
+"""The flat predictions layout: a model's step predictions for B samples, the evaluator's native input.
+
+The flat predictions layout
+---------------------------
+The words are those of the packed layout (``prmbench_fast.packing``); the B samples are dataset samples, S is the
+total number of steps they were given predictions for. Every name below means exactly this throughout prmbench_fast:
+
+- ``sample_pos``: (B,) int64. Dataset positions (``dataset.samples[p]``) of the predicted samples, in prediction
+  order. A position given twice: the first occurrence wins, later ones are ignored (the official rule).
+- ``cu_steps``: (B+1,) int32. ``cu_steps[0] == 0``; sample b's steps are ``[cu_steps[b], cu_steps[b+1])``;
+  ``cu_steps[B] == S``. A sample's step count is the number of labels it emitted, which the official evaluator scores
+  whatever the number of steps in the data.
+- ``validity_labels``: (S,) bool. ``step_level_validity_labels``: True = the step is judged correct.
+- ``validity_scores``: (S,) float32 or float64, or None. ``step_level_validity_scores``; NaN where a prediction gave
+  labels without scores.
+- ``redundancy_labels``, ``redundancy_scores``: (S,) bool / float, or None. ``step_level_redundancy_labels`` /
+  ``_scores`` (ReasonEval, LLM critics): True = the step is redundant.
+- ``has_redundancy``: (B,) bool, or None. Which predictions carry redundancy labels (None: all of them when
+  ``redundancy_labels`` is given, none otherwise). On ``redundency`` and ``circular`` samples the official evaluator
+  scores NOT(redundancy label) for those predictions (:meth:`StepPredictions.scored_labels`).
+- ``valid``: (B,) bool, or None (all valid). False: an invalid prediction (an unparseable critic answer); it has no
+  steps and counts only in the validity rate.
+
+All tensors live on one device. Building the layout from score()'s step outputs costs nothing (they already are these
+tensors); :func:`parse_results` builds it from official result dicts, and :meth:`StepPredictions.to_results` turns it
+back into official result lines, for files only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .classes import CLASS_ID, REDUNDANCY_CLASSES
+
+VALIDITY_LABELS = "step_level_validity_labels"
+VALIDITY_SCORES = "step_level_validity_scores"
+REDUNDANCY_LABELS = "step_level_redundancy_labels"
+REDUNDANCY_SCORES = "step_level_redundancy_scores"
+
+#: Class ids whose predictions with redundancy labels are scored by NOT(redundancy label) (SPEC §2.3).
+REDUNDANCY_CLASS_IDS = tuple(CLASS_ID[c] for c in REDUNDANCY_CLASSES)
+
+
+class PredictionError(ValueError):
+    """A prediction the evaluator cannot score; the message names the sample id (or argument) and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPredictions:
+    """Step predictions for B dataset samples in the flat predictions layout (module docstring)."""
+
+    sample_pos: torch.Tensor
+    cu_steps: torch.Tensor
+    validity_labels: torch.Tensor
+    validity_scores: torch.Tensor | None = None
+    redundancy_labels: torch.Tensor | None = None
+    redundancy_scores: torch.Tensor | None = None
+    has_redundancy: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.sample_pos.numel()
+
+    @property
+    def num_steps(self) -> int:
+        return self.validity_labels.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.validity_labels.device
+
+    def check(self, num_dataset_samples: int | None = None) -> None:
+        """Raise :class:`PredictionError` naming the field on a shape, dtype or device that breaks the layout.
+
+        Shapes and dtypes are host metadata (no device sync). With ``num_dataset_samples`` the positions are range
+        checked too, which reads them (one sync on a GPU).
+        """
+        B, S = self.num_samples, self.num_steps
+        _expect(self.sample_pos, "sample_pos", (B,), (torch.int64,), self.device)
+        _expect(self.cu_steps, "cu_steps", (B + 1,), (torch.int32, torch.int64), self.device)
+        _expect(self.validity_labels, "validity_labels", (S,), (torch.bool,), self.device)
+        floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        for name, tensor, dtypes in (
+            ("validity_scores", self.validity_scores, floats),
+            ("redundancy_labels", self.redundancy_labels, (torch.bool,)),
+            ("redundancy_scores", self.redundancy_scores, floats),
+        ):
+            if tensor is not None:
+                _expect(tensor, name, (S,), dtypes, self.device)
+        for name, tensor in (("has_redundancy", self.has_redundancy), ("valid", self.valid)):
+            if tensor is not None:
+                _expect(tensor, name, (B,), (torch.bool,), self.device)
+        if self.has_redundancy is not None and self.redundancy_labels is None:
+            raise PredictionError("has_redundancy is given without redundancy_labels")
+        if num_dataset_samples is not None:
+            _check_offsets_and_positions(self, num_dataset_samples)
+
+    def scored_labels(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """(S,) bool: the labels the official evaluator scores, on the device, without host syncs.
+
+        ``class_ids`` are the dataset's per-sample class ids (``dataset.arrays.class_ids`` as a tensor on this
+        device). Validity labels, except NOT(redundancy label) for predictions with redundancy labels on the
+        ``redundency`` and ``circular`` samples.
+        """
+        if self.redundancy_labels is None:
+            return self.validity_labels
+        rule = _isin(class_ids[self.sample_pos], REDUNDANCY_CLASS_IDS)
+        if self.has_redundancy is not None:
+            rule = rule & self.has_redundancy
+        step_rule = torch.repeat_interleave(rule, self.step_counts(), output_size=self.num_steps)
+        return torch.where(step_rule, ~self.redundancy_labels, self.validity_labels)
+
+    def step_counts(self) -> torch.Tensor:
+        """(B,) int64: each sample's number of steps (``diff(cu_steps)``)."""
+        return (self.cu_steps[1:] - self.cu_steps[:-1]).long()
+
+    def to(self, device: torch.device | str) -> "StepPredictions":
+        return StepPredictions(**{f.name: None if (v := getattr(self, f.name)) is None else v.to(device)
+                                  for f in dataclasses.fields(self)})
+
+    #: Optional fields and the value a prediction without them has: NaN scores, False labels, no redundancy labels,
+    #: valid. ``has_redundancy`` is filled from whether ``redundancy_labels`` were given.
+    OPTIONAL_FIELDS = {"validity_scores": math.nan, "redundancy_labels": False, "redundancy_scores": math.nan,
+                       "has_redundancy": None, "valid": True}
+
+    def with_fields(self, names) -> "StepPredictions":
+        """These predictions with the optional fields ``names`` present (filled as :attr:`OPTIONAL_FIELDS` says)."""
+        filled = {}
+        for name in names:
+            if getattr(self, name) is not None:
+                continue
+            if name == "has_redundancy":
+                filled[name] = torch.full(self.sample_pos.shape, self.redundancy_labels is not None, device=self.device)
+                continue
+            fill = self.OPTIONAL_FIELDS[name]
+            like = self.sample_pos if name == "valid" else self.validity_labels
+            dtype = torch.bool if isinstance(fill, bool) else torch.float32
+            filled[name] = torch.full(like.shape, fill, dtype=dtype, device=self.device)
+        return dataclasses.replace(self, **filled) if filled else self
+
+    def present_fields(self) -> tuple[str, ...]:
+        names = tuple(n for n in self.OPTIONAL_FIELDS if getattr(self, n) is not None)
+        # Redundancy labels present in some parts only need the per-sample flag to tell which.
+        return names + ("has_redundancy",) if "redundancy_labels" in names else names
+
+    @staticmethod
+    def concat(parts: Iterable["StepPredictions"]) -> "StepPredictions":
+        """The parts one after the other (offsets shifted); an optional field present in some parts only is filled
+        in the others (:meth:`with_fields`)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("StepPredictions.concat needs at least one part")
+        if len(parts) == 1:
+            return parts[0]
+        names = sorted({n for p in parts for n in p.present_fields()}, key=list(StepPredictions.OPTIONAL_FIELDS).index)
+        parts = [p.with_fields(names) for p in parts]
+        counts = torch.cat([p.step_counts() for p in parts])
+        cu_steps = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+        cu_steps[1:] = counts.cumsum(0)
+
+        def joined(name: str):
+            values = [getattr(p, name) for p in parts]
+            if values[0] is None:
+                return None
+            dtype = values[0].dtype
+            for v in values[1:]:
+                dtype = torch.promote_types(dtype, v.dtype)
+            return torch.cat([v.to(dtype) for v in values])
+
+        return StepPredictions(
+            sample_pos=torch.cat([p.sample_pos for p in parts]),
+            cu_steps=cu_steps,
+            validity_labels=torch.cat([p.validity_labels for p in parts]),
+            **{name: joined(name) for name in StepPredictions.OPTIONAL_FIELDS},
+        )
+
+    @staticmethod
+    def empty(device: torch.device | str = "cpu") -> "StepPredictions":
+        """No predictions (B = S = 0)."""
+        return StepPredictions(
+            sample_pos=torch.zeros(0, dtype=torch.int64, device=device),
+            cu_steps=torch.zeros(1, dtype=torch.int32, device=device),
+            validity_labels=torch.zeros(0, dtype=torch.bool, device=device),
+        )
+
+    def to_results(self, sample_ids: list[str]) -> list[dict[str, Any]]:
+        """Official result lines (``{"idx", "scores": {...}}``, or ``{"idx", "validity": False}`` for an invalid
+        prediction), one per sample in order; ``sample_ids`` are the dataset's ids. One host copy per field."""
+        host = {name: None if (v := getattr(self, name)) is None else v.cpu()
+                for name in ("validity_labels", "validity_scores", "redundancy_labels", "redundancy_scores")}
+        fields = {
+            VALIDITY_SCORES: host["validity_scores"], VALIDITY_LABELS: host["validity_labels"],
+            REDUNDANCY_SCORES: host["redundancy_scores"], REDUNDANCY_LABELS: host["redundancy_labels"],
+        }
+        lists = {k: (v.double().tolist() if v.is_floating_point() else v.tolist()) for k, v in fields.items()
+                 if v is not None}
+        has_redundancy = None if self.has_redundancy is None else self.has_redundancy.tolist()
+        valid = None if self.valid is None else self.valid.tolist()
+        offsets = self.cu_steps.tolist()
+        results = []
+        for b, position in enumerate(self.sample_pos.tolist()):
+            sample_id = sample_ids[position]
+            if valid is not None and not valid[b]:
+                results.append({"idx": sample_id, "validity": False})
+                continue
+            start, end = offsets[b], offsets[b + 1]
+            scores = {}
+            for key, values in lists.items():
+                if key.startswith("step_level_redundancy") and has_redundancy is not None and not has_redundancy[b]:
+                    continue
+                piece = values[start:end]
+                if key.endswith("scores") and any(v != v for v in piece):
+                    continue  # labels given without scores: no score list, as the prediction came
+                scores[key] = piece
+            results.append({"idx": sample_id, "scores": scores})
+        return results
+
+
+def _expect(tensor, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], device: torch.device) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise PredictionError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != shape:
+        raise PredictionError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        raise PredictionError(f"{name}: expected dtype {' or '.join(map(str, dtypes))}, got {tensor.dtype}")
+    if tensor.device != device:
+        raise PredictionError(f"{name}: on {tensor.device}, but the labels are on {device}")
+
+
+def _check_offsets_and_positions(preds: StepPredictions, num_dataset_samples: int) -> None:
+    cu = preds.cu_steps
+    bad_offsets = (cu[0] != 0) | (cu[-1] != preds.num_steps) | (cu[1:] < cu[:-1]).any()
+    pos = preds.sample_pos
+    bad_positions = ((pos < 0) | (pos >= num_dataset_samples)).any() if pos.numel() else torch.tensor(False)
+    bad_offsets, bad_positions = torch.stack([bad_offsets.to(pos.device), bad_positions.to(pos.device)]).tolist()
+    if bad_offsets:
+        raise PredictionError(f"cu_steps: must start at 0, be non-decreasing and end at {preds.num_steps} (S)")
+    if bad_positions:
+        raise PredictionError(f"sample_pos: positions must lie in [0, {num_dataset_samples}) (the dataset's samples)")
+
+
+def _isin(values: torch.Tensor, choices: tuple[int, ...]) -> torch.Tensor:
+    out = torch.zeros_like(values, dtype=torch.bool)
+    for c in choices:
+        out |= values == c
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Official result dicts -> the flat layout
+
+
+@dataclasses.dataclass
+class ParsedResults:
+    """What :func:`parse_results` found: the flat predictions (first result per known id, in given order) and the
+    results it left out."""
+
+    predictions: StepPredictions
+    unknown_ids: list[str]
+    duplicates: int
+
+
+def _is_mapping(value: Any) -> bool:
+    # `type(...) is dict` first: isinstance against the Mapping ABC costs microseconds per call on this hot path.
+    return type(value) is dict or isinstance(value, Mapping)
+
+
+def parse_results(dataset, results, *, validity_threshold: float = 0.5, redundancy_threshold: float = 0.15) -> ParsedResults:
+    """Official result dicts -> the flat predictions layout (CPU tensors), checked.
+
+    ``results`` is a mapping ``sample id -> result`` or an iterable of result dicts carrying ``idx``. A result is the
+    official ``{"scores": {...}, "validity": bool}`` (``validity`` optional); a bare scores dict is accepted too.
+    Ids outside the dataset are left out (listed in ``unknown_ids``); the first result per id wins. A prediction with
+    scores but no labels is labelled ``score > validity_threshold`` (redundancy: ``score > redundancy_threshold``),
+    as the official adapters label them.
+
+    Raises:
+        PredictionError: naming the sample id, the field and the index of a value that is not a label (true/false,
+            0/1) or not a real number (strings, booleans as scores, None, NaN, integers too large for a float).
+    """
+    position = dataset.position
+    redundancy_rule = dataset.arrays.redundancy_rule
+    taken = bytearray(len(dataset))  # 1 where a result was kept: the first result per id wins
+    unknown: list[str] = []
+    duplicates = 0
+    kept: list[int] = []
+    invalid: list[int] = []  # indices into kept
+    labels: list = []  # flat validity labels: each prediction's own list, extended (the hot path)
+    scores: list = []  # flat validity scores, aligned with labels; NaN for a prediction without (usable) scores
+    offsets = [0]
+    redundancy: dict[int, tuple[list, list | None]] = {}  # kept-index -> (redundancy labels, scores or None)
+    nan = math.nan
+    for sample_id, result in _items(results):
+        where = position.get(sample_id)
+        if where is None:
+            unknown.append(sample_id)
+            continue
+        if taken[where]:
+            duplicates += 1
+            continue
+        if not _is_mapping(result):
+            raise PredictionError(f"prediction for sample {sample_id!r}: expected a dict, got {type(result).__name__}")
+        taken[where] = 1
+        kept.append(where)
+        if "validity" in result and not result["validity"]:
+            invalid.append(len(kept) - 1)
+            offsets.append(len(labels))
+            continue
+        fields = result["scores"] if "scores" in result else result
+        if not _is_mapping(fields):
+            raise PredictionError(f"prediction for sample {sample_id!r}, field 'scores': expected a dict")
+        step_labels = fields.get(VALIDITY_LABELS)
+        step_scores = fields.get(VALIDITY_SCORES)
+        if redundancy_rule[where] and (
+            REDUNDANCY_LABELS in fields or (step_labels is None and REDUNDANCY_SCORES in fields)
+        ):
+            step_labels, step_scores = _redundancy_sample(sample_id, fields, redundancy_threshold, redundancy, len(kept) - 1)
+        elif step_labels is None:
+            if step_scores is None:
+                raise PredictionError(
+                    f"prediction for sample {sample_id!r}, field 'scores': has neither {VALIDITY_LABELS!r} nor "
+                    f"{VALIDITY_SCORES!r}"
+                )
+            _check_list(sample_id, VALIDITY_SCORES, step_scores)
+            step_labels = [_number(sample_id, VALIDITY_SCORES, i, v) > validity_threshold for i, v in enumerate(step_scores)]
+        elif type(step_labels) is not list:
+            _check_list(sample_id, VALIDITY_LABELS, step_labels)
+        labels.extend(step_labels)
+        if step_scores is not None and type(step_scores) in (list, tuple) and len(step_scores) == len(step_labels):
+            scores.extend(step_scores)
+        else:
+            if step_scores is not None:
+                _check_list(sample_id, VALIDITY_SCORES, step_scores)
+            scores.extend([nan] * len(step_labels))  # no scores, or not one per label: unusable for analyses
+        offsets.append(len(labels))
+    return ParsedResults(_flat(dataset, kept, offsets, labels, scores, invalid, redundancy), unknown, duplicates)
+
+
+def _items(results):
+    if _is_mapping(results):
+        return results.items()
+    results = list(results)
+    try:
+        ids = [r["idx"] for r in results]
+    except (TypeError, KeyError, IndexError):
+        ids = [_result_id(r, i) for i, r in enumerate(results)]  # raises, naming the bad entry
+    return zip(ids, results)
+
+
+def _result_id(result: Any, position: int) -> str:
+    if not _is_mapping(result) or "idx" not in result:
+        raise PredictionError(f"prediction #{position}: a result in a list must be a dict with an 'idx' field")
+    return result["idx"]
+
+
+def _scores_of(sample_id: str, result: Mapping) -> Mapping:
+    scores = result["scores"] if "scores" in result else result
+    if not _is_mapping(scores):
+        raise PredictionError(f"prediction for sample {sample_id!r}, field 'scores': expected a dict")
+    return scores
+
+
+def _check_list(sample_id: str, field: str, values: Any) -> None:
+    if not isinstance(values, (list, tuple)):
+        raise PredictionError(f"prediction for sample {sample_id!r}, field {field!r}: expected a list")
+
+
+def _number(sample_id: str, field: str, index: int, value: Any) -> float:
+    """A score as a float; booleans, strings, None, NaN and integers beyond the float range are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise PredictionError(f"prediction for sample {sample_id!r}, field {field!r}[{index}]: not a number: {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise PredictionError(
+            f"prediction for sample {sample_id!r}, field {field!r}[{index}]: {str(value)[:20]}... is too large for a float"
+        ) from None
+
+
+def _redundancy_sample(sample_id: str, fields: Mapping, threshold: float, redundancy: dict, index: int):
+    """A ``redundency``/``circular`` prediction with redundancy values: the evaluator scores NOT(redundancy label).
+
+    Returns the validity labels and scores stored beside them, cut or padded to the redundancy list's length (the
+    scored one): a critic may emit validity and redundancy lists of different lengths, and only the redundancy list's
+    length counts for these samples.
+    """
+    red_labels = fields.get(REDUNDANCY_LABELS)
+    red_scores = fields.get(REDUNDANCY_SCORES)
+    if red_labels is None:
+        _check_list(sample_id, REDUNDANCY_SCORES, red_scores)
+        red_labels = [_number(sample_id, REDUNDANCY_SCORES, i, v) > threshold for i, v in enumerate(red_scores)]
+    else:
+        _check_list(sample_id, REDUNDANCY_LABELS, red_labels)
+    if red_scores is not None:
+        _check_list(sample_id, REDUNDANCY_SCORES, red_scores)
+        if len(red_scores) != len(red_labels):
+            red_scores = None
+    redundancy[index] = (list(red_labels), None if red_scores is None else list(red_scores))
+    n = len(red_labels)
+    validity = fields.get(VALIDITY_LABELS)
+    validity = list(validity[:n]) if isinstance(validity, (list, tuple)) else []
+    validity += [False] * (n - len(validity))
+    validity_scores = fields.get(VALIDITY_SCORES)
+    if isinstance(validity_scores, (list, tuple)) and len(validity_scores) >= n:
+        validity_scores = list(validity_scores[:n])
+    else:
+        validity_scores = None
+    return validity, validity_scores
+
+
+def _flat(dataset, kept, offsets, labels, scores, invalid, redundancy) -> StepPredictions:
+    samples = dataset.samples
+
+    def spans():  # only walked to name a bad value
+        return ((samples[where].id, offsets[k], offsets[k + 1]) for k, where in enumerate(kept))
+
+    validity_scores = torch.from_numpy(_scores_array(scores, VALIDITY_SCORES, spans, allow_nan=True))
+    redundancy_labels = redundancy_scores = has_redundancy = None
+    if redundancy:
+        redundancy_labels, redundancy_scores = _redundancy_arrays(samples, kept, offsets, len(labels), redundancy)
+        has_redundancy = torch.zeros(len(kept), dtype=torch.bool)
+        has_redundancy[list(redundancy)] = True
+    valid = None
+    if invalid:
+        valid = torch.ones(len(kept), dtype=torch.bool)
+        valid[invalid] = False
+    return StepPredictions(
+        sample_pos=torch.tensor(kept, dtype=torch.int64),
+        cu_steps=torch.tensor(offsets, dtype=torch.int32),
+        validity_labels=torch.from_numpy(_labels_array(labels, VALIDITY_LABELS, spans)),
+        validity_scores=validity_scores,
+        redundancy_labels=redundancy_labels,
+        redundancy_scores=redundancy_scores,
+        has_redundancy=has_redundancy,
+        valid=valid,
+    )
+
+
+def _redundancy_arrays(samples, kept, offsets, num_steps, redundancy):
+    """The (S,) redundancy labels and scores: the values of the predictions in ``redundancy`` at their steps, False
+    and NaN elsewhere."""
+    rows = list(redundancy)
+    starts = np.asarray(offsets, dtype=np.int64)[rows]
+    lengths = np.asarray([len(redundancy[r][0]) for r in rows], dtype=np.int64)
+    cu = np.concatenate(([0], np.cumsum(lengths)))
+    steps = torch.from_numpy(np.repeat(starts - cu[:-1], lengths) + np.arange(cu[-1], dtype=np.int64))
+
+    def spans():
+        return ((samples[kept[r]].id, int(cu[i]), int(cu[i + 1])) for i, r in enumerate(rows))
+
+    flat_labels = list(itertools.chain.from_iterable(redundancy[r][0] for r in rows))
+    nan_scores = [math.nan]
+    flat_scores = list(itertools.chain.from_iterable(
+        redundancy[r][1] if redundancy[r][1] is not None else nan_scores * len(redundancy[r][0]) for r in rows
+    ))
+    labels = torch.zeros(num_steps, dtype=torch.bool)
+    labels[steps] = torch.from_numpy(_labels_array(flat_labels, REDUNDANCY_LABELS, spans))
+    scores = torch.full((num_steps,), math.nan, dtype=torch.float64)
+    scores[steps] = torch.from_numpy(_scores_array(flat_scores, REDUNDANCY_SCORES, spans, allow_nan=True))
+    return labels, scores
+
+
+def _labels_array(labels: list, field: str, spans) -> np.ndarray:
+    """Labels as a bool array; anything but true/false/0/1 raises, naming the sample, field and index.
+
+    ``spans()``: (sample id, start, end) of each sample's labels in the flat list, for the error message.
+    """
+    try:
+        # Labels are Python bools: bytes() packs them 4x faster than np.array(..., bool). It accepts only ints in
+        # [0, 255] (bools are ints), so floats, None or strings fall to the checked conversion below.
+        array = np.frombuffer(bytes(labels), dtype=np.uint8)
+        if array.size == 0 or array.max() <= 1:
+            return array.astype(bool)
+    except (TypeError, ValueError):
+        pass
+    for sample_id, start, end in spans():
+        for i, v in enumerate(labels[start:end]):
+            if not (isinstance(v, (bool, int, float)) and v in (0, 1)):
+                raise PredictionError(
+                    f"prediction for sample {sample_id!r}, field {field!r}[{i}]: a label must be true/false (or 0/1), "
+                    f"got {v!r}"
+                )
+    return np.array([bool(v) for v in labels], dtype=bool)
+
+
+def _scores_array(values: list, field: str, spans, allow_nan: bool = False) -> np.ndarray:
+    """Scores as float64; booleans, strings, None, NaN and integers beyond the float range raise, naming the sample,
+    the field and the index. ``allow_nan``: the NaN placeholders of predictions without scores pass."""
+    # set(map(type, ...)) runs in C: booleans (an int subclass) would otherwise pass as 0.0/1.0.
+    if set(map(type, values)) <= {float, int}:
+        try:
+            array = np.array(values, dtype=np.float64)
+        except OverflowError:
+            array = None
+        if array is not None and (allow_nan or not np.isnan(array).any()):
+            return array
+    for sample_id, start, end in spans():
+        piece = values[start:end]
+        if allow_nan and all(v != v for v in piece):
+            continue
+        for i, v in enumerate(piece):
+            _number(sample_id, field, i, v)
+    raise AssertionError("unreachable: a bad score was detected but not located")
