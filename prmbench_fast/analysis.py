@@ -1,0 +1,384 @@
+"""Analyses of a PRMBench run, computed from the report's flat predictions (``report.step_predictions``) and counts.
+
+What the PRMBench paper looks at beyond the leaderboard row: where in a solution errors are caught, how well the step
+scores separate correct from error steps, what a calibrated threshold would give, how biased a PRM is towards
+"correct", and how uncertain a (subset) run's numbers are. Every analysis is vectorised over the steps (numpy), so
+:func:`analyze` is cheap enough for every run folder (well under a second on the full benchmark).
+
+Which steps count: the official label-count rule, step i of a sample counts when ``i < min(len(steps), len(labels))``
+(extra labels past the last step, which the official evaluator scores, are left out here), over the valid
+predictions (an invalid one has no labels). The threshold sweep and the intervals, which must reproduce the official
+numbers, count exactly what the evaluator counts instead. "Correct steps" are the non-error steps of the non-correct
+samples; "error steps" their error steps. The label is the one the evaluator scores (NOT(redundancy label) on
+``redundency``/``circular`` predictions that carry redundancy labels); the score is the validity score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics
+from .classes import ALL_CLASSES, CLASS_ABBREVIATIONS, CLASS_ID, CORRECT, DOMAIN_NAMES, DOMAINS, ERROR_CLASSES, REDUNDANCY_CLASSES
+from .data import PRMBenchDataset
+from .predictions import StepPredictions
+
+#: Points of the threshold sweep curve (quantiles of the scores), besides the run's threshold.
+SWEEP_POINTS = 101
+#: Bins of the score histograms (correct vs error steps).
+HISTOGRAM_BINS = 40
+_MS = CLASS_ID["multi_solutions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """Every label of the valid predictions as numpy arrays, one entry per label (flat step index order)."""
+
+    class_id: np.ndarray  # (S,) int64, the sample's class
+    position: np.ndarray  # (S,) int64, 0-based step index within the sample
+    in_range: np.ndarray  # (S,) bool, position < len(steps): counts for the analyses
+    is_error: np.ndarray  # (S,) bool, the position is one of the sample's error steps (official membership)
+    label: np.ndarray  # (S,) bool, the label the evaluator scores
+    by_validity: np.ndarray  # (S,) bool, that label is the validity label (not NOT(redundancy))
+    score: np.ndarray  # (S,) float64, validity score, NaN where none
+
+    @property
+    def counted(self) -> np.ndarray:
+        """The steps the analyses count: in range, on non-correct samples."""
+        return self.in_range & (self.class_id != CLASS_ID[CORRECT])
+
+
+def _steps(dataset: PRMBenchDataset, preds: StepPredictions) -> _Steps:
+    preds = preds.to("cpu")
+    arrays = dataset.arrays
+    sample_pos = preds.sample_pos.numpy()
+    counts = preds.step_counts().numpy()
+    keep = np.ones(len(sample_pos), dtype=bool)
+    if preds.valid is not None:
+        keep &= preds.valid.numpy()
+    _, first = np.unique(sample_pos, return_index=True)  # a repeated sample: the first prediction wins
+    keep &= np.isin(np.arange(len(sample_pos)), first)
+    sample_of_step = np.repeat(np.arange(len(sample_pos)), counts)
+    starts = preds.cu_steps.numpy().astype(np.int64)[:-1]
+    position = np.arange(len(sample_of_step), dtype=np.int64) - starts[sample_of_step]
+    step_keep = keep[sample_of_step]
+    sample_of_step, position = sample_of_step[step_keep], position[step_keep]
+    pos = sample_pos[sample_of_step]
+    class_id = arrays.class_ids[pos]
+
+    # Error membership by key lookup: (dataset position, 0-based step) pairs as one int64 key.
+    width = int(max(position.max(initial=0), arrays.error_steps.max(initial=0))) + 1
+    error_sample = np.repeat(np.arange(len(dataset), dtype=np.int64), np.diff(arrays.error_offsets))
+    is_error = np.isin(pos * width + position, error_sample * width + arrays.error_steps)
+
+    label = preds.scored_labels(torch.from_numpy(arrays.class_ids)).numpy()[step_keep]
+    by_validity = np.ones(len(label), dtype=bool)
+    if preds.redundancy_labels is not None:
+        has = np.ones(len(sample_pos), dtype=bool) if preds.has_redundancy is None else preds.has_redundancy.numpy()
+        redundancy_rule = np.isin(class_id, [CLASS_ID[c] for c in REDUNDANCY_CLASSES]) & has[sample_of_step]
+        by_validity = ~redundancy_rule
+    if preds.validity_scores is None:
+        score = np.full(len(label), np.nan)
+    else:
+        score = preds.validity_scores.double().numpy()[step_keep]
+    return _Steps(class_id, position, position < arrays.step_counts[pos], is_error, label, by_validity, score)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Error steps by position, AUROC, positive bias, score distributions
+
+
+def error_step_recall_by_position(steps: _Steps) -> dict[int, dict[str, float]]:
+    """{p: {"steps": n, "recall": r}}: over the counted error steps at 1-based position p, the fraction labelled as
+    errors."""
+    error = steps.counted & steps.is_error
+    where = steps.position[error] + 1
+    n = np.bincount(where)
+    caught = np.bincount(where, weights=~steps.label[error])
+    return {int(p): {"steps": int(n[p]), "recall": float(caught[p] / n[p])} for p in np.flatnonzero(n)}
+
+
+def auroc(steps: _Steps) -> dict[str, Any]:
+    """P(score of a correct step > score of an error step) + ½·P(equal), over the counted steps with a score.
+
+    The Mann–Whitney statistic from average ranks: ties between a correct and an error step count one half.
+    """
+    use = steps.counted & ~np.isnan(steps.score)
+    score, positive = steps.score[use], ~steps.is_error[use]
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return {"value": None, "correct_steps": n_pos, "error_steps": n_neg}
+    _, inverse, tie_counts = np.unique(score, return_inverse=True, return_counts=True)
+    ends = np.cumsum(tie_counts)
+    average_rank = ends - (tie_counts - 1) / 2.0  # 1-based rank of each distinct value, ties averaged
+    rank_sum = average_rank[inverse][positive].sum()
+    value = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return {"value": float(value), "correct_steps": n_pos, "error_steps": n_neg}
+
+
+def _mean_or_none(total: float, n: int) -> float | None:
+    return float(total / n) if n else None
+
+
+def positive_bias(steps: _Steps, official: dict[str, Any]) -> dict[str, Any]:
+    """Per class and overall: on correct steps and on error steps, how many, the mean score (steps with a score) and
+    the positive-label rate; plus the official similarity (mean |response rate − clean partner's response rate|)."""
+    out: dict[str, Any] = {}
+    similarity = official["hallucination_type_results"]["similarity"]
+    classes = [c for c in ERROR_CLASSES if c in similarity]
+    for name, of_class in [*((c, steps.class_id == CLASS_ID[c]) for c in classes), ("overall", None)]:
+        base = steps.counted if of_class is None else steps.counted & of_class
+        entry: dict[str, Any] = {}
+        for kind, mask in (("correct_steps", base & ~steps.is_error), ("error_steps", base & steps.is_error)):
+            scored = mask & ~np.isnan(steps.score)
+            entry[kind] = {
+                "steps": int(mask.sum()),
+                "mean_score": _mean_or_none(steps.score[scored].sum(), int(scored.sum())),
+                "positive_rate": _mean_or_none(steps.label[mask].sum(), int(mask.sum())),
+            }
+        entry["similarity"] = official["total_hallucination_results"]["similarity"] if of_class is None else similarity[name]
+        out[name] = entry
+    return out
+
+
+def score_histograms(steps: _Steps) -> dict[str, Any] | None:
+    """Counts of the validity scores of the counted correct and error steps in equal-width bins (None: no scores)."""
+    use = steps.counted & ~np.isnan(steps.score)
+    if not use.any():
+        return None
+    edges = np.histogram_bin_edges(steps.score[use], bins=HISTOGRAM_BINS)
+    return {
+        "edges": edges.tolist(),
+        "correct_steps": np.histogram(steps.score[use & ~steps.is_error], bins=edges)[0].tolist(),
+        "error_steps": np.histogram(steps.score[use & steps.is_error], bins=edges)[0].tolist(),
+    }
+
+
+def error_position_distribution(dataset: PRMBenchDataset) -> dict[str, dict[str, Any]]:
+    """The data's error steps by 1-based position, per domain, as a percentage of the domain's samples (the paper's
+    figure): {domain: {"samples": n, "percent": {p: pct}}}. Every error step as the data lists it."""
+    out = {}
+    for key, members in DOMAINS.items():
+        samples = [s for s in dataset.samples if s.classification in members]
+        if not samples:
+            continue
+        counts = np.bincount([e for s in samples for e in s.error_steps], minlength=1)
+        out[DOMAIN_NAMES[key]] = {
+            "samples": len(samples),
+            "percent": {int(p): float(100.0 * counts[p] / len(samples)) for p in np.flatnonzero(counts)},
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Threshold sweep
+
+
+def _counts_above(sorted_scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """How many of the (sorted) scores are > each threshold."""
+    return len(sorted_scores) - np.searchsorted(sorted_scores, thresholds, side="right")
+
+
+class _Sweep:
+    """Per-class confusion counts as a function of the validity threshold, counted as the evaluator counts: every
+    label of the valid predictions; labels from redundancy stay fixed."""
+
+    def __init__(self, steps: _Steps):
+        fixed = ~steps.by_validity
+        self.fixed = np.zeros((len(ALL_CLASSES), 4), dtype=np.int64)
+        for k, (is_error, label) in enumerate(((False, True), (True, True), (True, False), (False, False))):
+            sel = fixed & (steps.is_error == is_error) & (steps.label == label)  # TP, FP, TN, FN
+            self.fixed[:, k] = np.bincount(steps.class_id[sel], minlength=len(ALL_CLASSES))
+        swept = steps.by_validity
+        self.correct = [np.sort(steps.score[swept & ~steps.is_error & (steps.class_id == c)]) for c in range(len(ALL_CLASSES))]
+        self.error = [np.sort(steps.score[swept & steps.is_error & (steps.class_id == c)]) for c in range(len(ALL_CLASSES))]
+        self.scores = steps.score[swept & (steps.class_id != CLASS_ID[CORRECT])]
+
+    def counts(self, thresholds: np.ndarray) -> np.ndarray:
+        """(T, classes, 4) int64 TP, FP, TN, FN with labels = score > threshold."""
+        out = np.broadcast_to(self.fixed, (len(thresholds), *self.fixed.shape)).copy()
+        for c in range(len(ALL_CLASSES)):
+            tp, fp = _counts_above(self.correct[c], thresholds), _counts_above(self.error[c], thresholds)
+            out[:, c] += np.stack([tp, fp, len(self.error[c]) - fp, len(self.correct[c]) - tp], axis=1)
+        return out
+
+
+def _table_from_counts(counts: np.ndarray, classes_present) -> dict[str, float | None]:
+    """The leaderboard row from (classes, 4) counts, through the evaluator's own formulas."""
+    per_class: dict[str, dict[str, float]] = {"f1": {}, "negative_f1": {}}
+    for cls in classes_present:
+        f1 = metrics.f1_metrics(*(int(v) for v in counts[CLASS_ID[cls]]))
+        per_class["f1"][cls], per_class["negative_f1"][cls] = f1["f1"], f1["negative_f1"]
+    total = counts[[CLASS_ID[c] for c in ERROR_CLASSES]].sum(axis=0)
+    totals = metrics.f1_metrics(*(int(v) for v in total))
+    return metrics.leaderboard_table({"total_hallucination_results": totals, "hallucination_type_results": per_class})
+
+
+def _f1_arrays(tp, fp, tn, fn) -> tuple[np.ndarray, np.ndarray]:
+    """F1 and negative F1 of count arrays, -1 sentinels used as numbers as :func:`metrics.f1_metrics` does."""
+    def ratio(a, b):
+        return np.where(b != 0, a / np.where(b != 0, b, 1), -1.0)
+
+    def f1(p, r):
+        s = p + r
+        return np.where(s != 0, 2 * p * r / np.where(s != 0, s, 1), -1.0)
+
+    return f1(ratio(tp, tp + fp), ratio(tp, tp + fn)), f1(ratio(tn, tn + fn), ratio(tn, tn + fp))
+
+
+def _run_threshold(steps: _Steps, validity_threshold: float | None) -> tuple[float | None, str | None]:
+    """A threshold t with labels == (score > t) on every validity-labelled step, or (None, why not)."""
+    use = steps.by_validity
+    if not use.any():
+        return None, "no step is scored by its validity label"
+    score, label = steps.score[use], steps.label[use]
+    if np.isnan(score).any():
+        return None, "some predictions have labels without validity scores"
+    low = score[~label].max(initial=-np.inf)  # labels are score > t exactly when low <= t < high
+    high = score[label].min(initial=np.inf)
+    if not low < high:
+        return None, "the labels are not `score > threshold` of the validity scores (e.g. Skywork's difference rule)"
+    if validity_threshold is not None and low <= validity_threshold < high:
+        return float(validity_threshold), None
+    return float(low if np.isfinite(low) else np.nextafter(high, -np.inf)), None
+
+
+def threshold_sweep(steps: _Steps, classes_present, validity_threshold: float | None = None) -> dict[str, Any]:
+    """The leaderboard row as a function of the validity threshold (labels = score > t), the run's threshold, and the
+    best threshold for the Overall PRMScore over every distinct score (what a calibrated threshold would give).
+
+    Only meaningful where the run's labels are ``score > threshold`` of its validity scores; otherwise
+    ``{"applicable": False, "reason": ...}``.
+    """
+    run_threshold, reason = _run_threshold(steps, validity_threshold)
+    if reason is not None:
+        return {"applicable": False, "reason": reason}
+    sweep = _Sweep(steps)
+    if len(sweep.scores) == 0:
+        return {"applicable": False, "reason": "no validity-scored step on a non-correct sample"}
+    # Every distinct score is a candidate (labels change only there), plus one below them all (every step positive).
+    distinct = np.unique(sweep.scores)
+    candidates = np.concatenate(([np.nextafter(distinct[0], -np.inf)], distinct))
+    total = sweep.counts(candidates)[:, [CLASS_ID[c] for c in ERROR_CLASSES]].sum(axis=1).astype(np.float64)
+    f1, nf1 = _f1_arrays(*total.T)
+    best = float(candidates[int(np.argmax(0.5 * f1 + 0.5 * nf1))])  # argmax: the lowest of equal thresholds
+
+    curve = np.unique(np.concatenate((np.quantile(sweep.scores, np.linspace(0, 1, SWEEP_POINTS), method="lower"),
+                                      [run_threshold, best])))
+    rows = [_table_from_counts(c, classes_present) for c in sweep.counts(curve)]
+    at = {float(t): row for t, row in zip(curve, rows)}
+    return {
+        "applicable": True,
+        "run_threshold": run_threshold,
+        "thresholds": curve.tolist(),
+        "table": {column: [row[column] for row in rows] for column in metrics.TABLE_COLUMNS},
+        "at_run_threshold": at[run_threshold],
+        "best": {"threshold": best, "table": at[best]},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bootstrap intervals
+
+
+def _tables_from_counts(counts: np.ndarray, classes_present) -> dict[str, np.ndarray]:
+    """Leaderboard columns of R count tables (R, classes, 4) at once: the arithmetic of
+    :func:`metrics.leaderboard_table` (PRMScore, MS by F1, clamp at 0, ×100, domain = mean of its classes)."""
+    counts = counts.astype(np.float64)
+    f1, nf1 = _f1_arrays(*np.moveaxis(counts, -1, 0))  # (R, classes)
+    score = np.where(np.arange(counts.shape[1]) == _MS, f1, 0.5 * f1 + 0.5 * nf1)
+    clamped = np.where(score > 0, 100.0 * score, 0.0)
+    total = counts[:, [CLASS_ID[c] for c in ERROR_CLASSES]].sum(axis=1)
+    tf1, tnf1 = _f1_arrays(*total.T)
+    overall = 0.5 * tf1 + 0.5 * tnf1
+    out = {"Overall": np.where(overall > 0, 100.0 * overall, 0.0)}
+    for domain, members in DOMAINS.items():
+        present = [c for c in members if c in classes_present]
+        for cls in members:
+            out[CLASS_ABBREVIATIONS[cls]] = clamped[:, CLASS_ID[cls]] if cls in classes_present else None
+        out[domain] = np.mean([clamped[:, CLASS_ID[c]] for c in present], axis=0) if present else None
+    return {column: out[column] for column in metrics.TABLE_COLUMNS}
+
+
+def bootstrap_intervals(dataset: PRMBenchDataset, report, *, seed: int, replicates: int) -> dict[str, Any]:
+    """95% percentile intervals of every leaderboard column, resampling source problems (all variants of a problem
+    together) with replacement, seeded."""
+    positions = np.array([dataset.position[i] for i in report.sample_ids], dtype=np.int64)
+    class_id = dataset.arrays.class_ids[positions]
+    # The table depends on the non-correct samples only: a problem without one would be drawn for nothing.
+    scored = class_id != CLASS_ID[CORRECT]
+    positions, class_id = positions[scored], class_id[scored]
+    counts = report.sample_counts.cpu().numpy()[scored, :4]
+    problems = np.array([dataset.samples[p].source_idx for p in positions])
+    _, problem = np.unique(problems, return_inverse=True)
+    per_problem = np.zeros((problem.max(initial=-1) + 1, len(ALL_CLASSES), 4), dtype=np.int64)
+    np.add.at(per_problem, (problem, class_id), counts)
+    classes_present = [c for c in ERROR_CLASSES if c in report.official["hallucination_type_results"]["f1"]]
+    columns = {}
+    if len(per_problem) and replicates > 0:
+        rng = np.random.default_rng(seed)
+        weights = rng.multinomial(len(per_problem), np.full(len(per_problem), 1.0 / len(per_problem)), size=replicates)
+        # Integer counts below 2**53: the float64 product is exact.
+        resampled = (weights.astype(np.float64) @ per_problem.reshape(len(per_problem), -1).astype(np.float64))
+        tables = _tables_from_counts(resampled.reshape(replicates, len(ALL_CLASSES), 4), classes_present)
+        for column, values in tables.items():
+            if values is not None:
+                low, high = np.percentile(values, [2.5, 97.5])
+                columns[column] = {"value": report.table[column], "low": float(low), "high": float(high)}
+    return {"replicates": replicates, "seed": seed, "resampled": "source problems", "problems": len(per_problem),
+            "columns": columns}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def trivial_baselines(dataset: PRMBenchDataset) -> dict[str, dict[str, float | None]]:
+    """The leaderboard rows of the all-positive and all-negative predictors on this data, by the evaluator."""
+    from .evaluate import evaluate  # here: evaluate.py may import this module
+
+    step_counts = torch.from_numpy(dataset.arrays.step_counts)
+    cu_steps = torch.zeros(len(dataset) + 1, dtype=torch.int32)
+    cu_steps[1:] = step_counts.cumsum(0)
+    rows = {}
+    for name, label in (("all_positive", True), ("all_negative", False)):
+        preds = StepPredictions(torch.arange(len(dataset)), cu_steps, torch.full((int(cu_steps[-1]),), label))
+        rows[name] = evaluate(dataset, preds).table
+    return rows
+
+
+def analyze(
+    dataset: PRMBenchDataset,
+    report,
+    *,
+    seed: int = 0,
+    bootstrap: int = 1000,
+    validity_threshold: float | None = None,
+) -> dict[str, Any]:
+    """Every analysis of a run (module docstring), as a JSON-ready dict.
+
+    Args:
+        dataset: the evaluation set the report was computed on.
+        report: a :class:`~prmbench_fast.evaluate.Report` with ``step_predictions``.
+        seed, bootstrap: seed and number of bootstrap replicates of the intervals.
+        validity_threshold: the run's threshold (default ``report.run["validity_threshold"]`` when recorded); used for
+            the sweep's run point when it reproduces the labels, else the threshold the labels imply.
+    """
+    if report.step_predictions is None:
+        raise ValueError("analyze() needs the report's flat predictions (report.step_predictions)")
+    if validity_threshold is None:
+        validity_threshold = report.run.get("validity_threshold")
+    steps = _steps(dataset, report.step_predictions)
+    classes_present = [c for c in ERROR_CLASSES if c in report.official["hallucination_type_results"]["f1"]]
+    return {
+        "error_step_recall_by_position": error_step_recall_by_position(steps),
+        "auroc": auroc(steps),
+        "threshold_sweep": threshold_sweep(steps, classes_present, validity_threshold),
+        "positive_bias": positive_bias(steps, report.official),
+        "score_histograms": score_histograms(steps),
+        "intervals": bootstrap_intervals(dataset, report, seed=seed, replicates=bootstrap),
+        "error_position_distribution": error_position_distribution(dataset),
+        "baselines": trivial_baselines(dataset),
+    }
