@@ -4,8 +4,10 @@ From each raw row, in file order: a ``redundency`` row first adds the clean ``co
 then every row adds its perturbed sample ``<classification>_<idx>``; on a duplicate sample id the first occurrence
 wins. The full data gives 6,969 samples: 758 ``correct`` and 6,211 others.
 
-Every row is validated; bad input raises :class:`PRMBenchDataError` naming the file, the line and the field.
-What the official loader tolerates (error steps past the last step, unsorted error steps, empty step strings,
+Every row is validated; bad input raises :class:`PRMBenchDataError` naming the file, the line and the field, and so
+does a file that cannot be read (a folder, permission denied, not UTF-8, corrupt gzip) or holds no rows. A path that
+does not exist raises :class:`~prmbench_fast.io.MissingFileError` (a ``FileNotFoundError``); only ``owner/name`` ids
+are looked up on the hub. What the official loader tolerates (error steps past the last step, unsorted error steps, empty step strings,
 duplicate ids) is kept exactly as the official loader keeps it and counted in :attr:`PRMBenchDataset.diagnostics`.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 from collections import Counter
@@ -22,18 +23,20 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from .classes import CLASS_DOMAIN, CLASS_ID, CORRECT, CORRECT_SOURCE_CLASS, ERROR_CLASSES, REDUNDANCY_CLASSES
+from .io import FileError, looks_like_hub_id, read_jsonl
 
 DEFAULT_HUB_DATASET = "hitsmy/PRMBench_Preview"
 DATA_ENV_VAR = "PRMBENCH_DATA"
 
 
-class PRMBenchDataError(ValueError):
-    """Malformed PRMBench input. The message names the source file, the 1-based line (row) and the field."""
+#: The largest error step accepted. Error steps past the last step are kept (the official loader keeps them) and
+#: only count when a model emits extra labels, so any bound far above real step counts changes no result; this one
+#: keeps every step number exact in the evaluator's integer arrays (an error step of 10**30 would overflow them).
+MAX_ERROR_STEP = 2**31 - 1
 
-    def __init__(self, source: str, line: int, field: str | None, problem: str):
-        self.source, self.line, self.field, self.problem = source, line, field, problem
-        where = f"{source}, line {line}" + (f", field '{field}'" if field else "")
-        super().__init__(f"{where}: {problem}")
+
+class PRMBenchDataError(FileError):
+    """Malformed PRMBench input. The message names the source file, the 1-based line (row) and the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +140,10 @@ class PRMBenchDataset(Sequence[Sample]):
         see complete problem groups.
         """
         wanted = _check_classes(classes)
-        if limit_per_class is not None and limit_per_class < 0:
-            raise ValueError(f"limit_per_class must be >= 0, got {limit_per_class}")
+        if limit_per_class is not None and (
+            not isinstance(limit_per_class, int) or isinstance(limit_per_class, bool) or limit_per_class < 1
+        ):
+            raise ValueError(f"limit_per_class must be a positive integer, got {limit_per_class!r}")
         candidates = [s for s in self.samples if s.classification in wanted]
         if limit_per_class is not None:
             coverage = Counter(s.source_idx for s in candidates)
@@ -215,6 +220,8 @@ def _check_classes(classes: Iterable[str] | None) -> tuple[str, ...]:
     if isinstance(classes, str):
         classes = [classes]
     wanted = tuple(dict.fromkeys(classes))
+    if not wanted:
+        raise ValueError(f"classes is empty; expected any of {list(ERROR_CLASSES)}")
     unknown = [c for c in wanted if c not in ERROR_CLASSES]
     if unknown:
         raise ValueError(f"unknown PRMBench classes {unknown}; expected any of {list(ERROR_CLASSES)}")
@@ -249,6 +256,9 @@ def _error_steps(row: dict, source: str, line: int) -> tuple[int, ...]:
     for i, v in enumerate(values):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise PRMBenchDataError(source, line, f"error_steps[{i}]", f"expected a positive (1-based) integer, got {v!r}")
+        if v > MAX_ERROR_STEP:
+            shown = f"{v:.3e}" if v > 10**12 else str(v)
+            raise PRMBenchDataError(source, line, f"error_steps[{i}]", f"{shown} is too large (at most {MAX_ERROR_STEP})")
     return tuple(values)
 
 
@@ -309,21 +319,14 @@ class _Builder:
 # Sources
 
 
-def _jsonl_rows(path: pathlib.Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line_number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield line_number, json.loads(text)
-            except json.JSONDecodeError as err:
-                raise PRMBenchDataError(str(path), line_number, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
-
-
 def _hub_rows(dataset_id: str) -> Iterator[tuple[int, Any]]:
     import datasets  # imported here: loading from a local file does not need it
 
-    table = datasets.load_dataset(dataset_id, split="train")
+    try:
+        table = datasets.load_dataset(dataset_id, split="train")
+    except Exception as err:  # noqa: BLE001 the hub client's error types vary by version; all mean "not loaded"
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PRMBenchDataError(f"hub:{dataset_id}", None, None, f"cannot be loaded from the hub ({message})") from None
     for row_number, row in enumerate(table, start=1):
         yield row_number, row
 
@@ -344,51 +347,50 @@ def load_prmbench(
     """Load PRMBench as the official toolkit's evaluation set.
 
     Args:
-        source: a ``.jsonl`` file, a folder of ``.jsonl`` files (read in file-name order, not recursively, as the
-            official loader reads its data folder), or a Hugging Face dataset id. Default: ``$PRMBENCH_DATA`` if
-            set, else ``hitsmy/PRMBench_Preview`` from the hub (loaded with ``datasets``). Sample ids may be bare
-            (``prm_test_p1_0``) or class-prefixed (``circular_prm_test_p1_0``).
+        source: a ``.jsonl`` file (gzip-compressed or not), a folder of ``.jsonl`` files (read in file-name order, not
+            recursively, as the official loader reads its data folder), or a Hugging Face dataset id ``owner/name``.
+            Default: ``$PRMBENCH_DATA`` if set, else ``hitsmy/PRMBench_Preview`` from the hub (loaded with
+            ``datasets``). Sample ids may be bare (``prm_test_p1_0``) or class-prefixed (``circular_prm_test_p1_0``).
         classes: keep only these error classes (data spelling, e.g. ``"redundency"``); their ``correct`` partners
             come along.
         limit_per_class: keep at most this many samples per class (see :meth:`PRMBenchDataset.subset`).
 
     Raises:
-        PRMBenchDataError: a row is malformed; the message names the file, the line and the field.
-        FileNotFoundError: ``source`` looks like a path but does not exist.
+        PRMBenchDataError: a row is malformed, a file cannot be read, or there are no rows; the message names the
+            file, and the line and field where there is one.
+        MissingFileError: ``source`` is not an ``owner/name`` hub id and does not exist (a ``FileNotFoundError``).
     """
     source = resolve_source(source)
     path = pathlib.Path(source)
     builder = _Builder()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".jsonl" and p.is_file())
-        if not files:
-            raise FileNotFoundError(f"no .jsonl files in folder {path}")
-        for file in files:
-            builder.diagnostics.sources.append(str(file))
-            for line, row in _jsonl_rows(file):
-                builder.add_row(row, str(file), line)
-    elif path.is_file():
-        builder.diagnostics.sources.append(str(path))
-        for line, row in _jsonl_rows(path):
-            builder.add_row(row, str(path), line)
-    elif _looks_like_hub_id(source):
-        builder.diagnostics.sources.append(f"hub:{source}")
-        for line, row in _hub_rows(source):
-            builder.add_row(row, f"hub:{source}", line)
+        for file in _folder_files(path):
+            _add_rows(builder, str(file), read_jsonl(file, PRMBenchDataError))
+    elif path.exists() or not looks_like_hub_id(source):
+        _add_rows(builder, str(path), read_jsonl(path, PRMBenchDataError))  # a missing path: "not found"
     else:
-        raise FileNotFoundError(f"PRMBench data not found: {source}")
+        _add_rows(builder, f"hub:{source}", _hub_rows(source))
+    if not builder.samples:
+        raise PRMBenchDataError(source, None, None, "no PRMBench rows (empty)")
     dataset = PRMBenchDataset(builder.samples, builder.diagnostics)
     if classes is not None or limit_per_class is not None:
         dataset = dataset.subset(classes, limit_per_class)
+        if not dataset.samples:
+            raise PRMBenchDataError(source, None, "classification", f"no samples of the classes {list(classes or [])}")
     return dataset
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    # "name" or "owner/name"; anything else (absolute, relative, home paths, file names) is a missing local path.
-    parts = source.split("/")
-    return (
-        len(parts) <= 2
-        and all(parts)
-        and not source.startswith((".", "~"))
-        and pathlib.PurePath(source).suffix not in (".jsonl", ".json")
-    )
+def _folder_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix == ".jsonl" and p.is_file())
+    except PermissionError:
+        raise PRMBenchDataError(folder, None, None, "permission denied (the folder is not readable)") from None
+    if not files:
+        raise PRMBenchDataError(folder, None, None, "no .jsonl files in this folder")
+    return files
+
+
+def _add_rows(builder: "_Builder", source: str, rows: Iterable[tuple[int, Any]]) -> None:
+    builder.diagnostics.sources.append(source)
+    for line, row in rows:
+        builder.add_row(row, source, line)

@@ -1,4 +1,13 @@
-"""Files: reading official prediction files, writing results atomically."""
+"""Files: reading the user's data and prediction files, checking output paths, writing results atomically.
+
+Every problem with a file or folder the user named raises :class:`FileError` (a ``ValueError``) whose message names
+it, and the line and field where there is one, in one style: ``<file>, line N, field 'x': problem``. The command
+line prints that message as one line and exits with status 2. A path that does not exist raises
+:class:`MissingFileError`, which is also a ``FileNotFoundError``.
+
+Input files may be gzip-compressed whatever their name: gzip is recognised by its first two bytes. Text must be
+UTF-8 (a byte-order mark on the first line is accepted).
+"""
 
 from __future__ import annotations
 
@@ -6,72 +15,230 @@ import gzip
 import json
 import os
 import pathlib
-import tempfile
+import re
+import uuid
+import zlib
 from typing import Any, Iterator
 
+GZIP_MAGIC = b"\x1f\x8b"
 
-class PredictionFileError(ValueError):
-    """A malformed predictions file; the message names the file, the line and the field."""
 
-    def __init__(self, path: str, line: int, field: str | None, problem: str):
-        where = f"{path}, line {line}" + (f", field '{field}'" if field else "")
+class FileError(ValueError):
+    """A file or folder the user named cannot be used as it is; the message names it (and the line and field)."""
+
+    def __init__(self, source: str | os.PathLike, line: int | None, field: str | None, problem: str):
+        self.source, self.line, self.field, self.problem = os.fspath(source), line, field, problem
+        where = self.source + (f", line {line}" if line is not None else "") + (f", field '{field}'" if field else "")
         super().__init__(f"{where}: {problem}")
 
 
-def _open_text(path: pathlib.Path):
-    # Prediction files of a full run are tens of MB; gzip is accepted so examples can ship compressed.
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+class MissingFileError(FileError, FileNotFoundError):
+    """A path the user named does not exist."""
+
+
+class PredictionFileError(FileError):
+    """A malformed predictions file; the message names the file, the line and the field."""
+
+
+class FileWarning(UserWarning):
+    """Content of a file that was skipped (e.g. a torn line in a results file); the message names file and line."""
+
+
+# ------------------------------------------------------------------------------------------------------------ paths
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """True for ``owner/name`` Hugging Face ids; anything else is a local path, and never sent to the hub."""
+    owner_and_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name)
+    # "data/prmbench.jsonl" has the shape of an id but names a file.
+    return owner_and_name is not None and not name.lower().endswith((".jsonl", ".json", ".gz", ".txt", ".csv"))
+
+
+def check_input_file(path: str | os.PathLike, error: type[FileError] = FileError) -> pathlib.Path:
+    """``path`` as a Path, after checking that it is an existing, readable file (not a folder)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise MissingFileError(path, None, None, "not found")
+    if path.is_dir():
+        raise error(path, None, None, "is a folder, expected a file")
+    if not os.access(path, os.R_OK):
+        raise error(path, None, None, "permission denied (the file is not readable)")
+    return path
+
+
+def check_output_file(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` as a Path, after checking that a file can be written there (before any long work starts)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise FileError(path, None, None, "is a folder, expected a file name to write")
+    _check_writable_folder(path.parent, path)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` as a Path, after checking that it is (or can be created as) a folder files can be written in."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileError(path, None, None, "is a file, expected an output folder")
+    _check_writable_folder(path, path)
+    return path
+
+
+def prepare_output_dir(path: str | os.PathLike) -> pathlib.Path:
+    """Create the output folder ``path`` if needed, after :func:`check_output_dir`."""
+    path = check_output_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FileError(path, None, None, f"cannot create the folder ({err.strerror})") from None
+    return path
+
+
+def _check_writable_folder(folder: pathlib.Path, named: pathlib.Path) -> None:
+    # The nearest existing ancestor decides: the folders below it will be created in it.
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileError(named, None, None, f"cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FileError(named, None, None, f"permission denied (cannot write in {existing})")
+
+
+# ------------------------------------------------------------------------------------------------------------ reading
+
+
+def read_lines(path: str | os.PathLike, error: type[FileError] = FileError) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for every line of a UTF-8 text file, plain or gzip-compressed.
+
+    Raises ``error`` naming the file (and the line) when the file is a folder, unreadable, corrupt gzip, or not
+    UTF-8; :class:`MissingFileError` when it does not exist.
+    """
+    path = check_input_file(path, error)
+    number = 0
+    try:
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == GZIP_MAGIC
+            raw.seek(0)
+            # Lines are split as bytes and decoded one by one, so a decoding error names its line.
+            stream = gzip.GzipFile(fileobj=raw) if compressed else raw
+            for number, data in enumerate(stream, start=1):
+                yield number, _decode(data, path, number, error)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise error(path, number + 1, None, f"corrupt gzip data ({err or 'truncated'})") from None
+    except PermissionError:
+        raise error(path, None, None, "permission denied (the file is not readable)") from None
+    except IsADirectoryError:
+        raise error(path, None, None, "is a folder, expected a file") from None
+    except OSError as err:
+        raise error(path, number + 1, None, f"cannot be read ({err.strerror or err})") from None
+
+
+def _decode(data: bytes, path: pathlib.Path, line: int, error: type[FileError]) -> str:
+    # A NUL byte is valid UTF-8 but never in a text file: say "binary" rather than "invalid JSON" (a checkpoint or
+    # an archive passed by mistake).
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise error(path, line, None, f"binary data (a NUL byte at column {nul + 1}), not a text file")
+    try:
+        return data.decode("utf-8-sig" if line == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise error(
+            path, line, None,
+            f"not UTF-8 text (byte 0x{data[err.start]:02x} at column {err.start + 1}): a binary file, or text saved "
+            "in another encoding (e.g. latin-1)? Save it as UTF-8",
+        ) from None
+
+
+def parse_json(text: str, source: str | os.PathLike, first_line: int = 1, error: type[FileError] = FileError) -> Any:
+    """The JSON value in ``text``, which starts at line ``first_line`` of ``source``; any way it fails to parse becomes
+    ``error`` naming the file and the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(source, first_line + err.lineno - 1, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
+    except (RecursionError, ValueError) as err:
+        # Python refuses integers of more than 4,300 digits with a ValueError.
+        problem = "nested too deeply" if isinstance(err, RecursionError) else "a number with too many digits"
+        line = first_line if text.count("\n") <= 1 else None
+        raise error(source, line, None, f"invalid JSON ({problem})") from None
+
+
+def read_jsonl(path: str | os.PathLike, error: type[FileError] = FileError) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSON-lines file (plain or gzip)."""
+    for number, text in read_lines(path, error):
+        if text.strip():
+            yield number, parse_json(text, path, number, error)
+
+
+def read_json(path: str | os.PathLike, error: type[FileError] = FileError) -> Any:
+    """The JSON document in a file (plain or gzip); errors name the file and the line."""
+    return parse_json("".join(line for _, line in read_lines(path, error)), path, 1, error)
+
+
+def result_problem(record: Any) -> tuple[str | None, str] | None:
+    """What makes ``record`` unusable as an official result line, as (field, problem); None when it is usable."""
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    if "idx" not in record:
+        return "idx", "missing field"
+    if not isinstance(record["idx"], str):
+        return "idx", f"expected str, got {type(record['idx']).__name__}"
+    # An invalid prediction (an unparseable critic answer) is stored without scores, as the official toolkit does.
+    invalid = "validity" in record and not record["validity"]
+    if not invalid and not isinstance(record.get("scores"), dict):
+        return "scores", "missing field or not a JSON object"
+    return None
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read the official toolkit's outputs: result lines ``{"idx", "scores", ["validity"]}`` and checkpoint lines
-    ``{"task_name", "model_name", "results": {...}}``, in file order (the evaluator keeps the first per id)."""
-    path = pathlib.Path(path)
+    ``{"task_name", "model_name", "results": {...}}``, in file order (the evaluator keeps the first per id).
+
+    Raises:
+        PredictionFileError: the file is unreadable, not UTF-8, or a line is malformed (file, line and field named).
+        MissingFileError: the file does not exist.
+    """
     results = []
-    for line_number, record in _jsonl(path):
-        if "results" in record and "task_name" in record:
+    for line_number, record in read_jsonl(path, PredictionFileError):
+        if isinstance(record, dict) and "results" in record and "task_name" in record:
             record = record["results"]
             if not isinstance(record, dict):
-                raise PredictionFileError(str(path), line_number, "results", "expected a JSON object")
-        if "idx" not in record:
-            raise PredictionFileError(str(path), line_number, "idx", "missing field")
-        if not isinstance(record["idx"], str):
-            raise PredictionFileError(str(path), line_number, "idx", f"expected str, got {type(record['idx']).__name__}")
-        # An invalid prediction (an unparseable critic answer) is stored without scores, as the official toolkit does.
-        invalid = "validity" in record and not record["validity"]
-        if not invalid and not isinstance(record.get("scores"), dict):
-            raise PredictionFileError(str(path), line_number, "scores", "missing field or not a JSON object")
+                raise PredictionFileError(path, line_number, "results", "expected a JSON object")
+        problem = result_problem(record)
+        if problem is not None:
+            raise PredictionFileError(path, line_number, *problem)
         results.append(record)
     return results
 
 
-def _jsonl(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
-    with _open_text(path) as f:
-        for line_number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise PredictionFileError(str(path), line_number, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise PredictionFileError(str(path), line_number, None, "expected a JSON object")
-            yield line_number, record
+# ------------------------------------------------------------------------------------------------------------ writing
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` so that ``path`` holds either its old content or the whole new one, never a part."""
+    """Write ``text`` (UTF-8) so that ``path`` holds either its old content or the whole new one, never a part."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either its old content or the whole new one, never a part.
+
+    The file gets the permissions of a plain ``open(path, "w")`` (0666 less the umask, e.g. 0644): the temporary file
+    is created with ``os.open(..., 0o666)`` rather than ``mkstemp``, whose 0600 would survive the rename.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A unique name (pid and a random uuid) and O_EXCL: never another writer's temporary file.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -140,9 +140,9 @@ def test_env_var_names_the_default_source(monkeypatch, tmp_path, raw_rows):
 
 
 def test_missing_local_path_is_not_mistaken_for_a_hub_id(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="absent.jsonl: not found"):
         load_prmbench(tmp_path / "absent.jsonl")
-    with pytest.raises(FileNotFoundError, match="no .jsonl files"):
+    with pytest.raises(PRMBenchDataError, match="no .jsonl files"):
         load_prmbench(tmp_path)
 
 
