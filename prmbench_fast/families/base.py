@@ -57,6 +57,33 @@ class Family(abc.ABC):
         self.options = options
 
     @classmethod
+    def build(
+        cls,
+        tokenizer: Any,
+        *,
+        validity_threshold: float | str | None = None,
+        redundancy_threshold: float | str | None = None,
+        **options: Any,
+    ) -> "Family":
+        """The family with the label-threshold overrides every official adapter accepts (``model_args``
+        ``validity_threshold`` / ``redundancy_threshold``, SPEC §3; label = score > threshold) and its own options.
+
+        What ``score()`` calls. An override is cast to float (as the official base class casts its string model
+        arguments), replaces the family's official default (for Skywork, the threshold of its difference rule; for
+        ``generic``/``lm_judge``, their ``threshold=``) and is recorded in :attr:`options`, so it enters
+        :meth:`cache_key` and the run's settings: a run resumed with another threshold is another run.
+        """
+        overrides = {"validity_threshold": validity_threshold, "redundancy_threshold": redundancy_threshold}
+        overrides = {name: float(value) for name, value in overrides.items() if value is not None}
+        if "redundancy_threshold" in overrides and cls.redundancy_threshold is None:
+            raise FamilyError(f"{cls.name}: emits no redundancy scores, so redundancy_threshold does not apply")
+        family = cls(tokenizer, **options)
+        for name, value in overrides.items():
+            setattr(family, name, value)
+            family.options[name] = value
+        return family
+
+    @classmethod
     def load_model(cls, name_or_path: str, **from_pretrained_kwargs: Any) -> torch.nn.Module:
         """Load a checkpoint of this family (offline files). Default: ``transformers.<auto_class>``; families whose
         heads no auto class builds (custom value/score heads) override this with their own model class."""
