@@ -9,6 +9,8 @@ official rule, and the evaluator scores the labels with the counting op (``prmbe
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import time
 from typing import Any
@@ -16,23 +18,17 @@ from typing import Any
 import torch
 
 from .data import PRMBenchDataset, load_prmbench
-from .evaluate import Report, evaluate
+from .distributed import gather_predictions, rank_and_world
+from .evaluate import Report, evaluate_steps
 from .families import Family, detect_family, family_class
+from .fingerprint import weights_fingerprint
+from .live_model import unwrap_model, whole_parameters
+from .models import check_model_folder
 from .packing import TokenizedSample, backbone_hidden_states
+from .predictions import StepPredictions, parse_results
 from .prefix_sharing import prefix_sharing_unsupported, shared_step_hidden
-from .results_store import ResultsStore, ordered_predictions
+from .results_store import ResultsStore
 from .token_cache import encode_dataset, packed_batches
-
-SCORE_FIELDS = {"validity": "step_level_validity_scores", "redundancy": "step_level_redundancy_scores"}
-LABEL_FIELDS = {"validity": "step_level_validity_labels", "redundancy": "step_level_redundancy_labels"}
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / FSDP(1) / DataParallel-style wrappers (they keep it as ``.module``)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
-
 
 def _model_name(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
@@ -43,7 +39,7 @@ def _load(model: str | os.PathLike, family: str, tokenizer, dtype, device):
     """Load a checkpoint folder (offline files) with the class its family uses."""
     import transformers
 
-    path = os.fspath(model)
+    path = os.fspath(check_model_folder(model, tokenizer=tokenizer is None))
     config = transformers.AutoConfig.from_pretrained(path)
     name = family if family != "auto" else detect_family(config, path)
     cls = family_class(name)
@@ -64,12 +60,6 @@ def _inference(model: torch.nn.Module):
     finally:
         for module, training in modes:
             module.training = training
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _shared_units(fam: Family, dataset: PRMBenchDataset, todo, *, max_length: int, batch_tokens: int, cache_dir):
@@ -95,57 +85,6 @@ def _shared_units(fam: Family, dataset: PRMBenchDataset, todo, *, max_length: in
         size += group_tokens
         total += group_tokens
     return units, total
-
-
-def _batch_results(dataset: PRMBenchDataset, positions, num_rewards, scores, labels) -> list[dict[str, Any]]:
-    """Official result lines of samples whose scores are concatenated in ``scores``/``labels`` (one device-to-host
-    copy per tensor); ``positions`` are their dataset positions, ``num_rewards`` their score counts, in that order."""
-    host_scores = {k: v.float().cpu().tolist() for k, v in scores.items()}
-    host_labels = {k: v.cpu().tolist() for k, v in labels.items()}
-    results = []
-    start = 0
-    for position, count in zip(positions, num_rewards):
-        end = start + count
-        fields = {SCORE_FIELDS[k]: v[start:end] for k, v in host_scores.items()}
-        fields.update({LABEL_FIELDS[k]: v[start:end] for k, v in host_labels.items()})
-        results.append({"idx": dataset.samples[position].id, "scores": fields})
-        start = end
-    return results
-
-
-def _all_gather_ragged(tensor: torch.Tensor, world: int) -> torch.Tensor:
-    """Every rank's 1-D ``tensor`` concatenated in rank order, on the tensors' device (lengths may differ)."""
-    size = torch.tensor([tensor.numel()], dtype=torch.int64, device=tensor.device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    torch.distributed.all_gather(sizes, size)
-    lengths = [int(n) for n in torch.cat(sizes).tolist()]  # one sync, after the forward passes
-    if max(lengths) == 0:  # every rank agrees on this, so all skip the second collective together
-        return tensor
-    padded = torch.zeros(max(lengths), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.numel()] = tensor
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, lengths)])
-
-
-def _gathered_outputs(outputs, fields: tuple[str, ...], device: torch.device, world: int):
-    """All ranks' per-sample outputs as flat device tensors: (positions, num_rewards, scores, labels).
-
-    ``outputs`` holds, per batch of this rank, (sample positions, score counts, scores, labels). Labels travel as
-    uint8 (not every backend reduces bool tensors).
-    """
-    positions = torch.tensor([p for keys, _, _, _ in outputs for p in keys], dtype=torch.int64, device=device)
-    counts = torch.tensor([n for _, nums, _, _ in outputs for n in nums], dtype=torch.int64, device=device)
-    scores = {f: torch.cat([s[f].float() for _, _, s, _ in outputs] or [torch.empty(0, device=device)]) for f in fields}
-    labels = {
-        f: torch.cat([lab[f].to(torch.uint8) for _, _, _, lab in outputs] or [torch.empty(0, dtype=torch.uint8, device=device)])
-        for f in fields
-    }
-    if world > 1:
-        positions, counts = _all_gather_ragged(positions, world), _all_gather_ragged(counts, world)
-        scores = {f: _all_gather_ragged(v, world) for f, v in scores.items()}
-        labels = {f: _all_gather_ragged(v, world) for f, v in labels.items()}
-    return positions, counts, scores, {f: v.bool() for f, v in labels.items()}
 
 
 class _Progress:
@@ -182,6 +121,7 @@ def score(
     cache_dir: str | os.PathLike | None = None,
     share_prefixes: bool | None = None,
     progress: bool = True,
+    overwrite: bool = False,
     **family_options: Any,
 ) -> Report:
     """Evaluate a process reward model on PRMBench.
@@ -203,29 +143,50 @@ def score(
         dtype, device: for a model loaded from a path (default float32 on CPU).
         backend: kernel backend for the reward heads ("auto": Triton on CUDA, torch on CPU).
         output_dir: write per-sample results as they finish, the report and the table there; re-running with the
-            same folder skips finished samples.
+            same folder skips finished samples. The folder records the run's identity (model, weights fingerprint,
+            family and options, thresholds, max_length, dtype, data): a call whose identity differs (e.g. the same
+            live model after more training steps) is refused rather than mixing two models' results.
         cache_dir: keep tokenized samples on disk (safetensors, keyed by family, options and tokenizer) across
             processes; default ``output_dir/cache`` when an output_dir is given. In-memory caching is always on.
         share_prefixes: compute each prefix shared by a problem's variants once, from its KV cache
             (``prmbench_fast.prefix_sharing``); scores equal the unshared pipeline's within fp32 rounding. Default
             (None): on for causal decoders that support it, off otherwise.
         progress: show a progress bar with tokens/s and ETA.
+        overwrite: start ``output_dir``'s run over (its results, report and identity are deleted; the tokenization
+            cache is kept).
         **family_options: passed to the family (e.g. ``separator=``/``reward_tokens=`` for ``generic``).
 
     Returns:
-        The :class:`~prmbench_fast.evaluate.Report` of ``evaluate()`` on the model's predictions, plus ``report.run``
-        (tokens, samples, seconds, tokens/s, truncation) and ``report.predictions`` (every sample's official result).
+        The :class:`~prmbench_fast.evaluate.Report` of the model's predictions, with ``report.step_predictions`` (the
+        flat predictions, on the model's device), ``report.run`` (tokens, samples, seconds, tokens/s, truncation) and
+        ``report.predictions`` (every sample's official result, built on first use).
 
-    Under ``torch.distributed`` every rank scores a disjoint shard and all ranks return the same report.
+    Step scores and labels stay tensors on the model's device from the reward heads to the counting op; they are
+    copied to the host once per batch only to write ``output_dir``'s result lines. Under ``torch.distributed`` every
+    rank scores a disjoint shard, the ranks' predictions are gathered as device tensors, and all ranks return the
+    same report.
+
+    Raises:
+        TypeError: a dataset that is not a ``PRMBenchDataset``, a tokenizer given as a path.
+        ValueError: a live model without ``tokenizer``, a family that does not fit the model, a run folder with
+            another identity (``RunMismatchError``) or in use by another process (``RunLockedError``).
     """
+    if dataset is not None and not isinstance(dataset, PRMBenchDataset):
+        raise TypeError(f"dataset must be a PRMBenchDataset (prmbench_fast.load_prmbench), got {type(dataset).__name__}")
     if family == "critic":
         # An LLM prompted as a critic behind an OpenAI-compatible API: `model` is the served model's name.
         from .critic import score_critic
 
-        return score_critic(dataset, api_model=str(model), output_dir=output_dir, progress=progress, **family_options)
+        return score_critic(dataset, api_model=str(model), output_dir=output_dir, progress=progress,
+                            overwrite=overwrite, **family_options)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError("tokenizer must be a tokenizer object, not a path: load it with "
+                        "transformers.AutoTokenizer.from_pretrained(path), or pass the checkpoint folder as model")
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer, family = _load(model, family, tokenizer, dtype, device)
     else:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a checkpoint folder or a torch.nn.Module, got {type(model).__name__}")
         model = unwrap_model(model)
         if tokenizer is None:
             raise ValueError("score() on a live model needs its tokenizer: pass tokenizer=")
@@ -236,15 +197,17 @@ def score(
         family_options["max_length"] = max_length
     fam: Family = cls(tokenizer, **family_options)
     dataset = dataset if dataset is not None else load_prmbench()
-    rank, world = _dist()
+    rank, world = rank_and_world()
+    device = next(model.parameters()).device
 
     store = None
+    resumed = StepPredictions.empty(device)
     finished: dict[str, Any] = {}
     if output_dir is not None:
-        run_config = {"model": _model_name(model), "family": fam.name, "cache_key": fam.cache_key(),
-                      "max_length": max_length, "samples": len(dataset)}
-        store = ResultsStore(output_dir, run_config, rank=rank)
-        finished = store.finished()
+        store = _open_store(output_dir, _run_identity(model, fam, dataset, max_length), rank, world, overwrite)
+        finished = store.finished(dataset)
+        if finished:
+            resumed = parse_results(dataset, finished).predictions.to(device)
         if cache_dir is None:
             cache_dir = store.dir / "cache"  # a resumed run does not tokenize again
     todo = [i for i, s in enumerate(dataset.samples) if s.id not in finished][rank::world]
@@ -256,14 +219,14 @@ def score(
     else:
         units = packed_batches(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens, cache_dir=cache_dir)
         tokens = sum(b.num_tokens for b in units)
-    device = next(model.parameters()).device
+    sample_ids = [s.id for s in dataset.samples]
     bar = _Progress(tokens, progress and rank == 0)
     start = time.perf_counter()
-    outputs = []  # per batch: (sample positions, score counts, scores, labels); tensors stay on the device
+    parts: list[StepPredictions] = []  # per batch, on the device
     tokens_computed = 0
     dropped: list[int] = []  # rewards lost to truncation, per sample
     try:
-        with _inference(model):
+        with whole_parameters(model), _inference(model):
             for unit in units:
                 if share:
                     # `unit` is a list of whole problem groups; their shared prefixes are computed once.
@@ -278,23 +241,26 @@ def score(
                 dropped.extend(meta.dropped_rewards)
                 scores = fam.step_scores(model, hidden, step_pos, backend=backend)
                 labels = fam.step_labels(scores, cu_steps)
-                outputs.append((meta.sample_keys, meta.num_rewards, scores, labels))
+                part = StepPredictions(
+                    sample_pos=torch.tensor(meta.sample_keys, dtype=torch.int64).to(device, non_blocking=True),
+                    cu_steps=cu_steps,
+                    validity_labels=labels["validity"],
+                    validity_scores=scores["validity"],
+                    redundancy_labels=labels.get("redundancy"),
+                    redundancy_scores=scores.get("redundancy"),
+                )
+                parts.append(part)
                 if store is not None:
-                    store.append(_batch_results(dataset, meta.sample_keys, meta.num_rewards, scores, labels))
+                    store.append(part.to_results(sample_ids))  # the one host copy, for the file
                 bar.update(meta.num_tokens)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     truncated_samples, rewards_lost = sum(1 for d in dropped if d), sum(dropped)
 
-    # Under torch.distributed every rank gathers every rank's outputs (as tensors, on the device) and evaluates them
-    # all, so every rank returns the same report.
-    fields = ("validity",) if fam.redundancy_threshold is None else ("validity", "redundancy")
-    positions, counts, scores, labels = _gathered_outputs(outputs, fields, device, world)
-    new_results = _batch_results(dataset, positions.tolist(), counts.tolist(), scores, labels)
-    ordered = ordered_predictions(dataset, finished, new_results)
-
-    report = evaluate(dataset, ordered)
+    # Every rank gathers every rank's predictions (device tensors) and evaluates them all: the same report everywhere.
+    new = gather_predictions(StepPredictions.concat(parts) if parts else StepPredictions.empty(device))
+    report = evaluate_steps(dataset, StepPredictions.concat([resumed, new]))
     report.run = {
         "family": fam.name,
         "model": _model_name(model),
@@ -310,7 +276,42 @@ def score(
         "rewards_lost_to_truncation": rewards_lost,
         "world_size": world,
     }
-    report.predictions = ordered
-    if store is not None and rank == 0:
-        store.write_report(report)
+    if store is not None:
+        if rank == 0:
+            store.write_report(report)
+        store.close()
     return report
+
+
+def _run_identity(model: torch.nn.Module, fam: Family, dataset: PRMBenchDataset, max_length: int) -> dict[str, Any]:
+    """What a run's results depend on (``ResultsStore``): a folder whose identity differs is never resumed."""
+    parameter = next(model.parameters())
+    return {
+        "model": _model_name(model),
+        "weights": weights_fingerprint(model),
+        "dtype": str(parameter.dtype),
+        "family": fam.name,
+        "family_options": {k: repr(v) for k, v in sorted(fam.options.items())},
+        "tokens": fam.cache_key(),  # family, options and tokenizer: the token ids a sample becomes
+        "validity_threshold": fam.validity_threshold,
+        "redundancy_threshold": fam.redundancy_threshold,
+        "max_length": max_length,
+        "data": _data_fingerprint(dataset),
+    }
+
+
+def _data_fingerprint(dataset: PRMBenchDataset) -> str:
+    """A hash of the samples' ids, questions, steps and error steps (what a sample's result depends on)."""
+    digest = hashlib.sha256()
+    for s in dataset.samples:
+        digest.update(json.dumps([s.id, s.question, s.steps, s.error_steps]).encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def _open_store(output_dir, identity: dict[str, Any], rank: int, world: int, overwrite: bool) -> ResultsStore:
+    """The rank's results store; under torch.distributed rank 0 checks (or overwrites) the folder first."""
+    if world == 1:
+        return ResultsStore(output_dir, identity, overwrite=overwrite)
+    store = ResultsStore(output_dir, identity, rank=0, overwrite=overwrite) if rank == 0 else None
+    torch.distributed.barrier()
+    return store or ResultsStore(output_dir, identity, rank=rank)

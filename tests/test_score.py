@@ -160,7 +160,7 @@ def test_output_dir_resume_skips_finished_samples(subset, tokenizer, classifier,
 
 def test_output_dir_of_another_run_is_refused(subset, tokenizer, classifier, tmp_path):
     score(classifier, subset, tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH, output_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="other settings .*max_length"):
+    with pytest.raises(ValueError, match="other settings.*max_length.*--overwrite"):
         score(classifier, subset, tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH + 1,
               output_dir=tmp_path, progress=False)
 

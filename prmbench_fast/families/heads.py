@@ -21,6 +21,11 @@ def lm_head_pair_probability(
 ) -> torch.Tensor:
     """P(token_ids[0]) under the softmax over the two LM-head rows of ``token_ids``, at each reward position: (S,)."""
     lm_head = model.get_output_embeddings()
+    if lm_head is None:
+        raise FamilyError(
+            f"{type(model).__name__} has no LM head (get_output_embeddings() is None); a family that reads LM-head rows "
+            "(lm_judge, math_shepherd, rlhflow, generic with reward_tokens) needs a causal LM"
+        )
     rows = torch.tensor(token_ids, device=lm_head.weight.device)
     weight = lm_head.weight.index_select(0, rows)
     bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias.index_select(0, rows)
