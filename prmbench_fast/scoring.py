@@ -195,7 +195,7 @@ def score(
     cls = family_class(family)
     if cls.takes_max_length:
         family_options["max_length"] = max_length
-    fam: Family = cls(tokenizer, **family_options)
+    fam: Family = cls.build(tokenizer, **family_options)
     dataset = dataset if dataset is not None else load_prmbench()
     rank, world = rank_and_world()
     device = next(model.parameters()).device

@@ -10,6 +10,7 @@ import abc
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -75,6 +76,9 @@ class Family(abc.ABC):
         """
         overrides = {"validity_threshold": validity_threshold, "redundancy_threshold": redundancy_threshold}
         overrides = {name: float(value) for name, value in overrides.items() if value is not None}
+        for name, value in overrides.items():
+            if not math.isfinite(value):
+                raise FamilyError(f"{cls.name}: {name} must be a finite number, got {value}")
         if "redundancy_threshold" in overrides and cls.redundancy_threshold is None:
             raise FamilyError(f"{cls.name}: emits no redundancy scores, so redundancy_threshold does not apply")
         family = cls(tokenizer, **options)
