@@ -92,6 +92,10 @@ def _run_names(paths: Sequence[pathlib.Path]) -> list[str]:
     return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
+#: The figures a report may have, by file-name suffix.
+FIGURES = ("radar", "recall", "scores", "sweep", "intervals", "error_positions")
+
+
 def _figures(runs: Sequence[RunView]) -> dict[str, bytes]:
     from . import figures
 
@@ -133,8 +137,12 @@ def write_report(
     output = pathlib.Path(output) if output is not None else paths[0] / "report.html"
     figures = _figures(runs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    for name, png in figures.items():
-        (output.parent / f"{output.stem}.{name}.png").write_bytes(png)
+    for name in FIGURES:
+        png_file = output.parent / f"{output.stem}.{name}.png"
+        if name in figures:
+            png_file.write_bytes(figures[name])
+        else:
+            png_file.unlink(missing_ok=True)  # a figure of an earlier report that this one does not have
     write_text_atomic(output, render(runs, figures, __version__))
     return output
 

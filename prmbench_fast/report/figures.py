@@ -45,9 +45,9 @@ def radar(runs: Sequence[Any], baselines: dict | None) -> bytes:
     if baselines and "all_positive" in baselines:
         series.append(("all steps positive", baselines["all_positive"], "--"))
     for name, table, style in series:
-        values = [table[c] or 0.0 for c in labels]
+        values = [math.nan if table[c] is None else table[c] for c in labels]  # a class absent from the data: a gap
         line = ax.plot(angles + angles[:1], values + values[:1], style, linewidth=1.8, label=name)[0]
-        if style == "-":
+        if style == "-" and not any(math.isnan(v) for v in values):
             ax.fill(angles + angles[:1], values + values[:1], color=line.get_color(), alpha=0.08)
         else:
             line.set_color("0.45")
@@ -105,18 +105,14 @@ def score_distributions(runs: Sequence[Any]) -> bytes | None:
 
 def threshold_sweep(runs: Sequence[Any]) -> bytes | None:
     """PRMScore (Overall bold, classes thin) against the validity threshold; the run's threshold dashed, the best
-    one dotted."""
-    sweeps = [(run, run.analysis.get("threshold_sweep")) for run in runs if run.analysis.get("threshold_sweep")]
+    one dotted. Runs whose labels are no threshold of their scores are left out (the report's table says why)."""
+    sweeps = [(run, sweep) for run in runs if (sweep := run.analysis.get("threshold_sweep")) and sweep["applicable"]]
     if not sweeps:
         return None
     fig = _figure(8.0, 3.3 * math.ceil(len(sweeps) / 2) + 0.6)
     handles: dict[str, Any] = {}
     for ax, (run, sweep) in zip(_grid(fig, len(sweeps)), sweeps):
         ax.set_title(run.name, fontsize=9)
-        if not sweep["applicable"]:
-            ax.text(0.5, 0.5, "not applicable:\n" + sweep["reason"], ha="center", va="center", wrap=True, fontsize=8)
-            ax.set_axis_off()
-            continue
         t = sweep["thresholds"]
         for column in TABLE_COLUMNS:
             values = sweep["table"][column]
