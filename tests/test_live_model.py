@@ -1,0 +1,145 @@
+"""score() on wrapped live models: FSDP2 (``fully_shard``) scores exactly like the unsharded model on 2 gloo CPU ranks
+and leaves training untouched; FSDP1 is refused with a clear error."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import PRMBENCH_JSONL, REPO_ROOT
+
+# Runs under torchrun with 2 ranks; prints one RESULT line per rank.
+FSDP_CHILD = r"""
+import json, sys
+from datetime import timedelta
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from prmbench_fast import load_prmbench, score
+from tiny_models import tiny_llama, train_tokenizer
+
+data = load_prmbench(sys.argv[2], limit_per_class=3)
+tokenizer = train_tokenizer([s.question for s in data] + [t for s in data for t in s.steps])
+# Small batches, so that the two ranks run different numbers of forward passes.
+OPTIONS = dict(tokenizer=tokenizer, family="generic", max_length=512, batch_tokens=300, progress=False)
+
+
+def build():
+    return tiny_llama(len(tokenizer), head="token_classification")  # seeded: the same weights every time
+
+
+single = score(build(), data, **OPTIONS)  # before the process group exists: one process, unsharded
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # a collective one rank skips fails, not hangs
+rank = dist.get_rank()
+mesh = init_device_mesh("cpu", (2,))
+
+
+def sharded():
+    model = build().train()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def train_step(model, optimizer, step):
+    torch.manual_seed(100 * step + rank)  # the head's dropout draws from the global generator
+    generator = torch.Generator().manual_seed(100 * step + rank)  # each rank its own batch
+    ids = torch.randint(3, len(tokenizer), (2, 48), generator=generator)
+    labels = torch.full_like(ids, -100)
+    labels[:, 7::8] = torch.randint(0, 2, labels[:, 7::8].shape, generator=generator)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def full_state(model):
+    return {name: p.full_tensor() for name, p in model.named_parameters()}
+
+
+scored, scored_opt = sharded()
+untouched, untouched_opt = sharded()
+before_training = score(scored, data, **OPTIONS)  # before any forward through FSDP2's root
+
+forwards = []
+scored.model.register_forward_hook(lambda *args: forwards.append(1))
+losses = [train_step(scored, scored_opt, 0)]
+step_weights = full_state(scored)
+after_step = score(scored, data, **OPTIONS)
+forwards_per_rank = [None, None]
+dist.all_gather_object(forwards_per_rank, len(forwards) - 1)  # the training forward is not a scoring one
+losses.append(train_step(scored, scored_opt, 1))
+# One sample: rank 1 runs no forward at all. FSDP2 must not keep rank 0's scoring forwards in the order it prefetches
+# by in backward, or the next backward's all-gathers no longer pair up across ranks.
+score(scored, data.restrict_to([next(s.id for s in data if s.classification == "correct")]), **OPTIONS)
+losses.append(train_step(scored, scored_opt, 2))
+untouched_losses = [train_step(untouched, untouched_opt, step) for step in range(3)]
+
+plain = build()  # unsharded, with the weights `scored` had when it was scored after its first step
+with torch.no_grad():
+    for name, p in plain.named_parameters():
+        p.copy_(step_weights[name])
+plain_after_step = score(plain, data, **OPTIONS)
+
+trained = full_state(scored)
+result = {
+    "single": [single.official, single.table],
+    "before_training": [before_training.official, before_training.table],
+    "after_step": [after_step.official, after_step.table],
+    "plain_after_step": [plain_after_step.official, plain_after_step.table],
+    "forwards_per_rank": forwards_per_rank,
+    "losses": [losses, untouched_losses],
+    "weights_equal": all(torch.equal(trained[n], p) for n, p in full_state(untouched).items()),
+    "resharded": all(type(p).__name__ == "DTensor" for p in scored.parameters()),
+    "train_mode": all(m.training for m in scored.modules()),
+}
+
+fsdp1_errors = []
+for nested in (False, True):
+    model = build()
+    if nested:
+        for i, layer in enumerate(model.model.layers):
+            model.model.layers[i] = FullyShardedDataParallel(layer, device_id=torch.device("cpu"))
+    else:
+        model = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+    try:
+        score(model, data, **OPTIONS)
+        fsdp1_errors.append(None)
+    except ValueError as error:
+        fsdp1_errors.append(str(error))
+result["fsdp1_errors"] = fsdp1_errors
+print("RESULT " + json.dumps(result, sort_keys=True), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_on_two_gloo_ranks_scores_like_the_unsharded_model_and_leaves_training_untouched(tmp_path):
+    script = tmp_path / "fsdp_child.py"
+    script.write_text(FSDP_CHILD)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)  # the pipeline on CPU uses the torch backend
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    run = subprocess.run([*torchrun, str(script), str(REPO_ROOT / "tests"), str(PRMBENCH_JSONL)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(ranks) == 2
+    for result in ranks:
+        # Never forwarded through its root yet, then after a training step: the sharded model's report is the
+        # unsharded one's, exactly.
+        assert result["before_training"] == result["single"]
+        assert result["after_step"] == result["plain_after_step"]
+        assert result["after_step"] != result["single"], "the training step should change the report"
+        # The ranks ran different numbers of forward passes, which FSDP2's own per-layer all-gathers could not do.
+        assert len(set(result["forwards_per_rank"])) == 2
+        # Scoring between steps changed nothing in training: same losses, bit-identical weights, sharded again.
+        losses, untouched_losses = result["losses"]
+        assert losses == untouched_losses
+        assert result["weights_equal"] and result["resharded"] and result["train_mode"]
+        # FSDP1, wrapping the model or nested inside it, is refused before anything runs.
+        for error in result["fsdp1_errors"]:
+            assert error is not None and "FullyShardedDataParallel (FSDP1)" in error and "fully_shard" in error
