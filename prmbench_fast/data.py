@@ -343,7 +343,8 @@ def load_prmbench(
     *,
     classes: Iterable[str] | None = None,
     limit_per_class: int | None = None,
-) -> PRMBenchDataset:
+    task: str = "prmbench",
+):
     """Load PRMBench as the official toolkit's evaluation set.
 
     Args:
@@ -354,12 +355,22 @@ def load_prmbench(
         classes: keep only these error classes (data spelling, e.g. ``"redundency"``); their ``correct`` partners
             come along.
         limit_per_class: keep at most this many samples per class (see :meth:`PRMBenchDataset.subset`).
+        task: "prmbench" (the whole benchmark), "subset400" (the official quick task's samples, selected from the
+            full data in ``source``) or "bon" (``source`` is a best-of-n file in the official BoN format); see
+            ``prmbench_fast.tasks``.
 
     Raises:
         PRMBenchDataError: a row is malformed, a file cannot be read, or there are no rows; the message names the
             file, and the line and field where there is one.
         MissingFileError: ``source`` is not an ``owner/name`` hub id and does not exist (a ``FileNotFoundError``).
     """
+    if task != "prmbench":
+        from .tasks import get_task
+
+        subset = {k: v for k, v in (("classes", classes), ("limit_per_class", limit_per_class)) if v is not None}
+        if subset:
+            raise ValueError(f"task {task!r} has its own samples: {', '.join(subset)} do not apply")
+        return get_task(task).load(source)
     source = resolve_source(source)
     path = pathlib.Path(source)
     builder = _Builder()

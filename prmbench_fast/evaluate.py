@@ -26,6 +26,10 @@ from .data import PRMBenchDataset
 from .ops import step_confusion
 from .predictions import PredictionError, StepPredictions, parse_results
 
+#: The validity-rate denominators (SPEC §2.5): the main task subtracts the correct samples' predictions from the number
+#: of samples; the subset400 task's copy of the evaluator does not.
+VALIDITY_DENOMINATORS = ("non_correct", "all_samples")
+
 #: The counting op gets one extra class row: predictions that are not scored (a repeated sample, an invalid
 #: prediction) are counted there and the row is dropped, so the op runs once over the predictions as given.
 _UNSCORED_CLASS = len(ALL_CLASSES)
@@ -50,6 +54,7 @@ class Report:
         step_predictions: the flat predictions the report was computed from (on their device).
         analysis: the analyses of ``prmbench_fast.analysis`` when computed (None otherwise).
         predictions: every sample's result in the official format (built from ``step_predictions`` on first use).
+        task: the task whose evaluator rule made the report ("prmbench" or "subset400").
     """
 
     official: dict[str, Any]
@@ -62,6 +67,7 @@ class Report:
     run: dict[str, Any] = dataclasses.field(default_factory=dict)
     step_predictions: StepPredictions | None = dataclasses.field(default=None, repr=False)
     analysis: dict[str, Any] | None = None
+    task: str = "prmbench"
     dataset: PRMBenchDataset | None = dataclasses.field(default=None, repr=False, compare=False)
     _results: dict[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -102,6 +108,11 @@ class Report:
     def format_table(self) -> str:
         return metrics.format_table(self.table)
 
+    def to_json(self) -> dict[str, Any]:
+        """What a run folder's report.json holds."""
+        return {"task": self.task, "official": self.official, "table": self.table, "diagnostics": self.diagnostics,
+                "run": self.run, "analysis": self.analysis}
+
 
 def evaluate(
     dataset: PRMBenchDataset,
@@ -110,7 +121,10 @@ def evaluate(
     validity_threshold: float = 0.5,
     redundancy_threshold: float = 0.15,
     backend: str = "auto",
-) -> Report:
+    task: str = "prmbench",
+    validity_denominator: str = "non_correct",
+    **task_options: Any,
+):
     """Score predictions exactly as the official PRMBench evaluator does.
 
     Args:
@@ -123,20 +137,31 @@ def evaluate(
             optional ``validity`` flag (false: an invalid prediction, e.g. an unparseable critic answer).
         validity_threshold, redundancy_threshold: used only for results that carry scores but no labels.
         backend: the counting op's backend: "auto" (compiled op on the tensors' device), "cpu", "cuda" or "torch".
+        task: "prmbench" (the main task), or another task of ``prmbench_fast.tasks`` ("subset400", "bon"), whose
+            own evaluator then scores the predictions (``dataset`` must come from ``load_prmbench(task=...)``);
+            ``task_options`` go to it (e.g. ``seed=`` for "bon").
+        validity_denominator: "non_correct" (the main task: samples minus the correct samples' predictions) or
+            "all_samples" (the subset400 task's evaluator).
 
     Returns:
         A :class:`Report`; ``report.official`` equals the official ``evaluate_function`` output (counts exactly,
-        ratios to the last bit) minus its ``detailed_logs``.
+        ratios to the last bit) minus its ``detailed_logs``. The "bon" task returns its own report.
 
     Raises:
         PredictionError: a malformed prediction (the message names the sample, field and index), no predictions, or
             none that matches a sample of the dataset.
     """
+    if task != "prmbench":
+        from .tasks import get_task
+
+        return get_task(task).evaluate(dataset, predictions, **task_options)
+    if task_options:
+        raise TypeError(f"evaluate() got unexpected options {sorted(task_options)}")
     for name, value in (("validity_threshold", validity_threshold), ("redundancy_threshold", redundancy_threshold)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if isinstance(predictions, StepPredictions):
-        return evaluate_steps(dataset, predictions, backend=backend)
+        return evaluate_steps(dataset, predictions, backend=backend, validity_denominator=validity_denominator)
     parsed = parse_results(dataset, predictions, validity_threshold=validity_threshold,
                            redundancy_threshold=redundancy_threshold)
     if parsed.predictions.num_samples == 0:
@@ -148,7 +173,7 @@ def evaluate(
             f"e.g. {unknown[0]!r}): are the predictions for this data set?"
         )
     return evaluate_steps(dataset, parsed.predictions, backend=backend, unknown_ids=parsed.unknown_ids,
-                          duplicates=parsed.duplicates)
+                          duplicates=parsed.duplicates, validity_denominator=validity_denominator)
 
 
 class _DeviceArrays:
@@ -188,6 +213,7 @@ def evaluate_steps(
     backend: str = "auto",
     unknown_ids: list[str] | None = None,
     duplicates: int = 0,
+    validity_denominator: str = "non_correct",
 ) -> Report:
     """The official evaluator on the flat predictions layout, on the predictions' device.
 
@@ -199,7 +225,10 @@ def evaluate_steps(
         predictions: the flat predictions; a sample given twice counts once (the first), as officially.
         backend: the counting op's backend (see :func:`evaluate`).
         unknown_ids, duplicates: what a parser left out before (reported in the diagnostics).
+        validity_denominator: see :func:`evaluate`.
     """
+    if validity_denominator not in VALIDITY_DENOMINATORS:
+        raise ValueError(f"validity_denominator must be one of {VALIDITY_DENOMINATORS}, got {validity_denominator!r}")
     predictions.check(len(dataset))
     device = predictions.device
     arrays = _DeviceArrays.of(dataset, device)
@@ -234,8 +263,9 @@ def evaluate_steps(
     official = _official_result(
         dataset, scored_positions, host.class_counts, sample_counts_scored, label_counts,
         num_correct_valid=num_correct_valid,
-        # The validity-rate denominator subtracts the correct samples' predictions, valid or not (SPEC §2.5).
-        total_num=len(dataset) - int((host.kept & is_correct).sum()),
+        # The main task's validity-rate denominator subtracts the correct samples' predictions, valid or not; the
+        # subset400 task's does not (SPEC §2.5).
+        total_num=len(dataset) - (int((host.kept & is_correct).sum()) if validity_denominator == "non_correct" else 0),
         valid_num=len(scored) - num_correct_valid,
     )
     return Report(
@@ -247,6 +277,7 @@ def evaluate_steps(
         class_counts=torch.from_numpy(host.class_counts),
         label_counts=torch.from_numpy(label_counts),
         step_predictions=predictions,
+        task="prmbench" if validity_denominator == "non_correct" else "subset400",
         dataset=dataset,
     )
 

@@ -60,6 +60,7 @@ class PRMBenchMetric:
         step_labels: torch.Tensor | None = None,
         redundancy_scores: torch.Tensor | None = None,
         redundancy_labels: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> None:
         """Add the step predictions of B samples (the flat predictions layout's names).
 
@@ -72,6 +73,8 @@ class PRMBenchMetric:
             redundancy_scores, redundancy_labels: (S,) float / bool. Redundancy predictions (redundant = True,
                 ``score > redundancy_threshold``); on ``redundency``/``circular`` samples the official evaluator
                 scores NOT(redundancy label).
+            valid: (B,) bool. False marks an invalid prediction (e.g. an unparseable critic answer): it has no
+                steps and only lowers the validity rate.
 
         Raises:
             ValueError: naming the argument whose shape, dtype or device is wrong. Positions and offsets are checked
@@ -97,6 +100,10 @@ class PRMBenchMetric:
                 _check_tensor(name, tensor, 1, dtypes, reference.device)
                 if tensor.shape[0] != num_steps:
                     raise ValueError(f"{name}: expected shape ({num_steps},) like the other step tensors, got {tuple(tensor.shape)}")
+        if valid is not None:
+            _check_tensor("valid", valid, 1, (torch.bool,), reference.device)
+            if valid.shape[0] != num_samples:
+                raise ValueError(f"valid: expected shape ({num_samples},) like sample_pos, got {tuple(valid.shape)}")
         if step_labels is None:
             step_labels = step_scores > self.validity_threshold
         if redundancy_labels is None and redundancy_scores is not None:
@@ -108,6 +115,7 @@ class PRMBenchMetric:
             validity_scores=step_scores,
             redundancy_labels=redundancy_labels,
             redundancy_scores=redundancy_scores,
+            valid=valid,
         )
         if part.device.type == "cpu":
             part.check(len(self.dataset))

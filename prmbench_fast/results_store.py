@@ -204,8 +204,7 @@ class ResultsStore:
 
     def write_report(self, report) -> None:
         """The final report.json and table.txt, each written atomically."""
-        write_json_atomic(self.dir / "report.json", {"official": report.official, "table": report.table,
-                                                      "diagnostics": report.diagnostics, "run": report.run})
+        write_json_atomic(self.dir / "report.json", report.to_json())
         write_text_atomic(self.dir / "table.txt", report.format_table() + "\n")
 
 
