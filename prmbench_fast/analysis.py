@@ -16,6 +16,7 @@ samples; "error steps" their error steps. The label is the one the evaluator sco
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import numpy as np
@@ -335,18 +336,24 @@ def bootstrap_intervals(dataset: PRMBenchDataset, report, *, seed: int, replicat
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+#: Baselines per dataset object: a training loop analyses the same (subset) dataset at every evaluation.
+_BASELINES: "weakref.WeakKeyDictionary[PRMBenchDataset, dict]" = weakref.WeakKeyDictionary()
+
+
 def trivial_baselines(dataset: PRMBenchDataset) -> dict[str, dict[str, float | None]]:
     """The leaderboard rows of the all-positive and all-negative predictors on this data, by the evaluator."""
-    from .evaluate import evaluate  # here: evaluate.py may import this module
+    if dataset not in _BASELINES:
+        from .evaluate import evaluate  # here: evaluate.py may import this module
 
-    step_counts = torch.from_numpy(dataset.arrays.step_counts)
-    cu_steps = torch.zeros(len(dataset) + 1, dtype=torch.int32)
-    cu_steps[1:] = step_counts.cumsum(0)
-    rows = {}
-    for name, label in (("all_positive", True), ("all_negative", False)):
-        preds = StepPredictions(torch.arange(len(dataset)), cu_steps, torch.full((int(cu_steps[-1]),), label))
-        rows[name] = evaluate(dataset, preds).table
-    return rows
+        step_counts = torch.from_numpy(dataset.arrays.step_counts)
+        cu_steps = torch.zeros(len(dataset) + 1, dtype=torch.int32)
+        cu_steps[1:] = step_counts.cumsum(0)
+        rows = {}
+        for name, label in (("all_positive", True), ("all_negative", False)):
+            preds = StepPredictions(torch.arange(len(dataset)), cu_steps, torch.full((int(cu_steps[-1]),), label))
+            rows[name] = evaluate(dataset, preds).table
+        _BASELINES[dataset] = rows
+    return {name: dict(row) for name, row in _BASELINES[dataset].items()}
 
 
 def analyze(
