@@ -81,16 +81,14 @@ def _analytic_bytes(provider, T, S, H, V, elem):
     return gathered + 2 * S * V * 4  # (S, V) logits and their log_softmax
 
 
-def _triton_bytes(provider, S, V):
+def _triton_bytes(provider, S, V, dtype):
     """Bytes the Triton kernels allocate on a GPU: outputs and split buffers only, nothing (S, H) or (S, V)."""
     if provider == "step_rewards":
         return S * 2 * 4
     from prmbench_fast.kernels import step_reward as sr
 
-    row_blocks = -(-S // sr._PROBS_BLOCK_S)
-    v_tiles = -(-V // sr._PROBS_BLOCK_V)
-    splits = max(1, min(v_tiles, -(-sr._TARGET_PROGRAMS // row_blocks)))
-    splits = -(-V // (-(-v_tiles // splits) * sr._PROBS_BLOCK_V))
+    tiles = sr._PROBS_TILES_FP32 if dtype == "float32" else sr._PROBS_TILES_NATIVE  # as on a GPU
+    splits, _ = sr._vocab_splits(S, V, tiles)
     return splits * S * 2 * 4 + 2 * S * 4  # per-split lse and target logit, merged lse and result (K = 1)
 
 
@@ -201,7 +199,7 @@ def main(argv=None):
                     f"{base['rss_peak_bytes'] / rss:,.0f}" if rss >= 2**20 else "n/a (< 1 MB: below RSS resolution)",
                     f"{base['allocated'] / res['allocated']:,.0f}",
                 ]
-                triton_bytes = _triton_bytes(provider, S, V)
+                triton_bytes = _triton_bytes(provider, S, V, args.dtype)
                 target = f" (target: at least V/C = {V // 2:,}x)" if provider == "step_rewards" else ""
                 footer.append(
                     f"# V={V:,} {provider}: on a GPU the Triton kernel allocates {triton_bytes:,} bytes, "

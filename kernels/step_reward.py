@@ -22,6 +22,8 @@ otherwise. The choice is made per call from the tensors' device; importing this 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -41,14 +43,40 @@ _REWARD_BLOCK_S = 16
 _REWARD_MAX_BLOCK_H = 128
 _REWARD_NUM_WARPS = 4
 
-# step_token_probs: logits tiles come from tl.dot, whose M, N and K must each be >= 16. 32 rows per program share every
-# LM-head tile they load, so the LM head is read ceil(S / 32) times in total; a 32 x 128 fp32 logits tile is 32
-# registers per thread at 4 warps; a 64 x 128 bf16 LM-head tile is 16 KiB of shared memory per stage.
-_PROBS_BLOCK_S = 32
-_PROBS_BLOCK_V = 128
-_PROBS_MAX_BLOCK_H = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProbsTiles:
+    """Tiles of ``_step_vocab_lse_kernel``: BLOCK_S step rows x BLOCK_V vocabulary ids per program, the dot's K
+    dimension in BLOCK_H slices of at most ``max_block_h`` (tl.dot needs M, N and K >= 16)."""
+
+    block_s: int
+    block_v: int
+    max_block_h: int
+    num_warps: int
+    num_stages: int
+
+
+# Tiles are chosen per dot precision so that no specialisation spills registers (255 per thread at most) on sm_80 or
+# sm_90: tests/test_aot_compile.py compiles every specialisation the wrapper makes for both and reads the real numbers
+# with cuobjdump (quoted below as "measured": most at aligned model widths / most over all specialisations).
+# Every program holds its (BLOCK_S, BLOCK_V) fp32 logits tile in registers, and the online log-sum-exp keeps about
+# three tiles of that shape alive (the logits, their exponentials, the requested-id select). When rows are not
+# 16-byte aligned (a width that is not a multiple of 16 elements, or a column slice), the pipeline cannot copy
+# tiles straight into shared memory (cp.async) and stages them through registers too: that is where budgets break.
+#
+# Native 16-bit dot (fp16 or bf16 on both sides): tensor cores take both operands from shared memory. 32 x 128
+# logits over 8 warps (256 threads) are 16 registers per tile, ~50 for three; the 32 x 32 and 32 x 128 operand tiles
+# are 5 KiB of shared memory per pipeline stage, 15 KiB for 3 stages (measured: 119 / 195 registers, no spills). With
+# 4 warps and 64-wide H slices (the first choice) unaligned rows spilled ~1 KB per thread.
+_PROBS_TILES_NATIVE = _ProbsTiles(block_s=32, block_v=128, max_block_h=32, num_warps=8, num_stages=3)
+# fp32 dot (fp32 inputs, or two different dtypes): "ieee" precision runs on the FMA units, which take BOTH operand
+# tiles from registers as well, and mixed dtypes convert one of them there. With the native tiles at 4 warps this
+# reached 255 registers and 8-40 bytes of spills. 16 x 64 logits over 256 threads are 4 registers per tile; the 16 x
+# 32 and 32 x 64 operands 10 more as fp32 (measured: 128 / 182 registers, no spills). 16 rows per program read the
+# LM head ceil(S / 16) times, but the row blocks of one vocabulary split run side by side and share it through L2.
+_PROBS_TILES_FP32 = _ProbsTiles(block_s=16, block_v=64, max_block_h=32, num_warps=8, num_stages=3)
 _PROBS_MIN_BLOCK = 16
-_PROBS_NUM_WARPS = 4
 # With few steps there are few row blocks, so the vocabulary is split across programs (flash-decoding style) and the
 # per-split log-sum-exps are merged afterwards. ~8 resident programs per SM on a 132-SM GPU is ~1024 programs.
 _TARGET_PROGRAMS = 1024
@@ -82,6 +110,20 @@ def _check_backend(backend: str, *tensors: torch.Tensor) -> bool:
             'importing prmbench_fast, or use backend="torch"'
         )
     return backend == "triton" or (backend == "auto" and on_gpu)
+
+
+def _interpreted(tensor: torch.Tensor) -> bool:
+    """Whether a launch on ``tensor`` runs in the Triton interpreter (CPU tensors) instead of compiled on a GPU.
+
+    ``prmbench_fast.aot`` replaces this to record, from CPU tensors, the specialisations a GPU launch compiles."""
+    return not tensor.is_cuda
+
+
+def _launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where to launch: Triton launches on the *current* CUDA device and its current stream, not on the tensors'
+    device, so a model on ``cuda:1`` would otherwise run the kernel on GPU 0 with GPU-1 pointers. Under this guard
+    the launch uses ``tensor``'s device and that device's current stream; CPU tensors (interpreter) need nothing."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def gather_step_hidden(hidden: torch.Tensor, step_pos: torch.Tensor) -> torch.Tensor:
@@ -292,29 +334,29 @@ def step_rewards(
     out = torch.empty((S, C), dtype=torch.float32, device=hidden.device)
     if S == 0:
         return out
-    block_h = min(_REWARD_MAX_BLOCK_H, triton.next_power_of_2(max(H, 1)))
     grid = (triton.cdiv(S, _REWARD_BLOCK_S),)
-    _step_rewards_kernel[grid](
-        hidden,
-        step_pos,
-        weight,
-        bias if bias is not None else weight,  # never read when HAS_BIAS is False
-        out,
-        S,
-        H,
-        C,
-        hidden.stride(0),
-        hidden.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        out.stride(0),
-        HAS_BIAS=bias is not None,
-        ACTIVATION=activation,
-        BLOCK_S=_REWARD_BLOCK_S,
-        BLOCK_C=triton.next_power_of_2(C),
-        BLOCK_H=block_h,
-        num_warps=_REWARD_NUM_WARPS,
-    )
+    with _launch_device(hidden):
+        _step_rewards_kernel[grid](
+            hidden,
+            step_pos,
+            weight,
+            bias if bias is not None else weight,  # never read when HAS_BIAS is False
+            out,
+            S,
+            H,
+            C,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            ACTIVATION=activation,
+            BLOCK_S=_REWARD_BLOCK_S,
+            BLOCK_C=triton.next_power_of_2(C),
+            BLOCK_H=min(_REWARD_MAX_BLOCK_H, triton.next_power_of_2(max(H, 1))),
+            num_warps=_REWARD_NUM_WARPS,
+        )
     return out
 
 
@@ -472,6 +514,26 @@ def _check_step_token_probs_args(hidden, step_pos, lm_head_weight, token_ids, lm
     return ids
 
 
+def _probs_tiles(hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> _ProbsTiles:
+    """The tiles of a launch: the native 16-bit dot when both operands are fp16, or both bf16 on a GPU (the
+    interpreter's bf16 dot is wrong, so there bf16 is multiplied in fp32); the fp32 dot otherwise."""
+    dtype = hidden.dtype
+    native = lm_head_weight.dtype == dtype and (
+        dtype == torch.float16 or (dtype == torch.bfloat16 and not _interpreted(hidden))
+    )
+    return _PROBS_TILES_NATIVE if native else _PROBS_TILES_FP32
+
+
+def _vocab_splits(S: int, V: int, tiles: _ProbsTiles) -> tuple[int, int]:
+    """(splits, ids per split) of the vocabulary: enough programs to fill the GPU, whole tiles per split."""
+    row_blocks = triton.cdiv(S, tiles.block_s)
+    v_tiles = triton.cdiv(V, tiles.block_v)
+    splits = max(1, min(v_tiles, triton.cdiv(_TARGET_PROGRAMS, row_blocks)))
+    # Whole tiles per split, so no tile straddles two splits; recount so that no split is empty.
+    v_per_split = triton.cdiv(v_tiles, splits) * tiles.block_v
+    return triton.cdiv(V, v_per_split), v_per_split
+
+
 def step_token_probs(
     hidden: torch.Tensor,
     step_pos: torch.Tensor,
@@ -508,49 +570,42 @@ def step_token_probs(
     V, K = lm_head_weight.shape[0], len(ids)
     if S == 0:
         return torch.empty((0, K), dtype=torch.float32, device=hidden.device)
-    row_blocks = triton.cdiv(S, _PROBS_BLOCK_S)
-    v_tiles = triton.cdiv(V, _PROBS_BLOCK_V)
-    splits = max(1, min(v_tiles, triton.cdiv(_TARGET_PROGRAMS, row_blocks)))
-    # Whole tiles per split, so no tile straddles two splits; recount so that no split is empty.
-    v_per_split = triton.cdiv(v_tiles, splits) * _PROBS_BLOCK_V
-    splits = triton.cdiv(V, v_per_split)
-
-    dtypes = {hidden.dtype, lm_head_weight.dtype}
-    native_dot = len(dtypes) == 1 and (
-        hidden.dtype == torch.float16 or (hidden.dtype == torch.bfloat16 and hidden.is_cuda)
-    )
+    tiles = _probs_tiles(hidden, lm_head_weight)
+    splits, v_per_split = _vocab_splits(S, V, tiles)
     tokens = torch.tensor(ids, dtype=torch.int64, device=hidden.device)
     lse_part = torch.empty((splits, S), dtype=torch.float32, device=hidden.device)
     target_part = torch.empty((splits, S, K), dtype=torch.float32, device=hidden.device)
-    grid = (row_blocks, splits)
-    _step_vocab_lse_kernel[grid](
-        hidden,
-        step_pos,
-        lm_head_weight,
-        lm_head_bias if lm_head_bias is not None else lm_head_weight,  # never read when HAS_BIAS is False
-        tokens,
-        lse_part,
-        target_part,
-        S,
-        H,
-        V,
-        v_per_split,
-        hidden.stride(0),
-        hidden.stride(1),
-        lm_head_weight.stride(0),
-        lm_head_weight.stride(1),
-        lse_part.stride(0),
-        target_part.stride(0),
-        target_part.stride(1),
-        K=K,
-        HAS_BIAS=lm_head_bias is not None,
-        DOT_FP32=not native_dot,
-        BLOCK_S=_PROBS_BLOCK_S,
-        BLOCK_V=_PROBS_BLOCK_V,
-        BLOCK_H=max(_PROBS_MIN_BLOCK, min(_PROBS_MAX_BLOCK_H, triton.next_power_of_2(H))),
-        BLOCK_K=triton.next_power_of_2(K),
-        num_warps=_PROBS_NUM_WARPS,
-    )
+    grid = (triton.cdiv(S, tiles.block_s), splits)
+    with _launch_device(hidden):
+        _step_vocab_lse_kernel[grid](
+            hidden,
+            step_pos,
+            lm_head_weight,
+            lm_head_bias if lm_head_bias is not None else lm_head_weight,  # never read when HAS_BIAS is False
+            tokens,
+            lse_part,
+            target_part,
+            S,
+            H,
+            V,
+            v_per_split,
+            hidden.stride(0),
+            hidden.stride(1),
+            lm_head_weight.stride(0),
+            lm_head_weight.stride(1),
+            lse_part.stride(0),
+            target_part.stride(0),
+            target_part.stride(1),
+            K=K,
+            HAS_BIAS=lm_head_bias is not None,
+            DOT_FP32=tiles is _PROBS_TILES_FP32,
+            BLOCK_S=tiles.block_s,
+            BLOCK_V=tiles.block_v,
+            BLOCK_H=max(_PROBS_MIN_BLOCK, min(tiles.max_block_h, triton.next_power_of_2(H))),
+            BLOCK_K=triton.next_power_of_2(K),
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
     # Merging splits costs O(splits * S * K), negligible next to the O(S * V * H) kernel; each requested logit is
     # nonzero in exactly one split, so the sum is exact.
     lse = torch.logsumexp(lse_part, dim=0)

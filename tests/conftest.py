@@ -1,13 +1,22 @@
 """Test configuration shared by every test module.
 
-TRITON_INTERPRET must be set before any ``@triton.jit`` decorator runs, i.e. before prmbench_fast is imported:
-there is no GPU on the development and CI machines, so the Triton kernels run in the interpreter on CPU tensors.
+Without CUDA (the development and CI machines) the Triton kernels run in the interpreter on CPU tensors:
+TRITON_INTERPRET must then be set before any ``@triton.jit`` decorator runs, i.e. before prmbench_fast is imported.
+With CUDA it stays unset, so the kernels compile for the GPU and the ``gpu`` tests (tests/test_gpu.py) run them there;
+tests that need the interpreter skip themselves. ``torch.cuda.is_available()`` initialises no CUDA context.
+
+Markers (registered in pyproject.toml): ``gpu`` tests are always collected and skipped without CUDA; ``aot_full``
+tests (the full ahead-of-time compile sweep, minutes) run only when ``-m`` names the marker, e.g.
+``pytest -m aot_full``.
 """
 
 import os
 import pathlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -25,3 +34,14 @@ def prmbench_jsonl() -> pathlib.Path:
     if not PRMBENCH_JSONL.exists():
         pytest.fail(f"benchmark data not found at {PRMBENCH_JSONL}: tests need ../shared beside the checkout")
     return PRMBENCH_JSONL
+
+
+def pytest_collection_modifyitems(config, items):
+    markexpr = config.getoption("-m") or ""
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_full = pytest.mark.skip(reason="the full AOT sweep runs only when selected: pytest -m aot_full")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "aot_full" in item.keywords and "aot_full" not in markexpr:
+            item.add_marker(skip_full)

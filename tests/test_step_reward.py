@@ -1,10 +1,13 @@
 """Triton step-reward kernels against their torch references, run in the Triton interpreter on CPU tensors.
 
-conftest.py sets TRITON_INTERPRET=1 before prmbench_fast is imported, so backend="triton" runs here on CPU.
+Without CUDA, conftest.py sets TRITON_INTERPRET=1 before prmbench_fast is imported, so backend="triton" runs here on
+CPU. On a CUDA machine the interpreter stays off: the tests that need it skip, and tests/test_gpu.py runs the kernels
+on the GPU.
 """
 
 import pytest
 import torch
+import triton
 
 from prmbench_fast.kernels import step_reward as sr
 from prmbench_fast.kernels.step_reward import (
@@ -17,6 +20,9 @@ from prmbench_fast.kernels.step_reward import (
 )
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+needs_interpreter = pytest.mark.skipif(
+    not triton.knobs.runtime.interpret, reason="backend='triton' on CPU tensors needs TRITON_INTERPRET=1"
+)
 
 # Tolerances on fp32 outputs (probabilities or logits of magnitude <= ~10 in these tests). The reference upcasts the
 # SAME rounded inputs to fp32, and a product of two fp16 or bf16 values is exact in fp32 (11 + 11 and 8 + 8 significant
@@ -68,6 +74,7 @@ class _NoLaunch:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", sr.ACTIVATIONS)
 @pytest.mark.parametrize("C", [1, 2, 3, 4])
@@ -87,6 +94,7 @@ def test_step_rewards_matches_reference(dtype, activation, C, has_bias):
         torch.testing.assert_close(out.sum(1), torch.ones(step_pos.numel()), rtol=0, atol=1e-6)
 
 
+@needs_interpreter
 @pytest.mark.parametrize(
     "hidden_dtype,weight_dtype",
     [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16), (torch.float64, torch.float32)],
@@ -102,6 +110,7 @@ def test_step_rewards_mixed_dtypes(hidden_dtype, weight_dtype):
     torch.testing.assert_close(out, ref, **TOL[torch.float16])
 
 
+@needs_interpreter
 @pytest.mark.parametrize("hidden_dtype,weight_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
 def test_step_token_probs_mixed_dtypes(hidden_dtype, weight_dtype):
     step_pos, T = _packed_step_pos([3, 20])
@@ -112,6 +121,7 @@ def test_step_token_probs_mixed_dtypes(hidden_dtype, weight_dtype):
     torch.testing.assert_close(out, ref, **TOL[torch.float16])
 
 
+@needs_interpreter
 @pytest.mark.parametrize("layout", ["column_slice", "transposed"])
 def test_step_rewards_non_contiguous(layout):
     T, H = 40, 67
@@ -129,6 +139,7 @@ def test_step_rewards_non_contiguous(layout):
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
+@needs_interpreter
 def test_step_rewards_single_token_buffer():
     hidden = _hidden(1, 33, torch.bfloat16)
     weight, bias = _head(2, 33, torch.bfloat16)
@@ -137,6 +148,7 @@ def test_step_rewards_single_token_buffer():
     torch.testing.assert_close(out, step_rewards_reference(hidden, step_pos, weight, bias), **TOL[torch.bfloat16])
 
 
+@needs_interpreter
 @pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
 def test_step_rewards_zero_steps(backend, monkeypatch):
     monkeypatch.setattr(sr, "_step_rewards_kernel", _NoLaunch())
@@ -157,6 +169,7 @@ def _exact_head(logits_per_row):
 
 
 # exp(-z) overflowing to inf is the intended path to an exact 0 in the sigmoid; numpy (the interpreter) warns about it.
+@needs_interpreter
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 def test_step_rewards_underflow_is_kept(activation):
@@ -174,6 +187,7 @@ def test_step_rewards_underflow_is_kept(activation):
     torch.testing.assert_close(out, ref, rtol=3e-4, atol=0)
 
 
+@needs_interpreter
 def test_llemma_mean_logit_rule():
     # sigmoid(mean over V of the logits) at each step == step_rewards with the mean LM-head row.
     T, H, V = 24, 40, 300
@@ -206,6 +220,7 @@ def _official_full_vocab(hidden, step_pos, lm_w, lm_b, token_ids):
     return torch.softmax(logits, dim=-1)[step_pos][:, token_ids]
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", ["one_split", "many_splits"])
 def test_step_token_probs_matches_reference(dtype, splits, monkeypatch):
@@ -225,6 +240,7 @@ def test_step_token_probs_matches_reference(dtype, splits, monkeypatch):
     torch.testing.assert_close(ref, _official_full_vocab(hidden, step_pos, lm_w, lm_b, token_ids), **TOL[torch.float32])
 
 
+@needs_interpreter
 @pytest.mark.parametrize("H", [8, 130])
 def test_step_token_probs_hidden_tails(H):
     # H = 8 is below tl.dot's minimum K of 16 (BLOCK_H = 16, half masked); H = 130 = 2 full tiles of 64 plus 2.
@@ -238,6 +254,7 @@ def test_step_token_probs_hidden_tails(H):
     assert torch.equal(step_token_probs(hidden, strided_pos, lm_w, [3], backend="triton"), out)
 
 
+@needs_interpreter
 @pytest.mark.parametrize("splits", ["one_split", "many_splits"])
 def test_step_token_probs_max_at_requested_token_and_elsewhere(splits, monkeypatch):
     if splits == "one_split":
@@ -256,6 +273,7 @@ def test_step_token_probs_max_at_requested_token_and_elsewhere(splits, monkeypat
     assert out[0, 0] > 0.5 and out[1, 0] < 1e-3
 
 
+@needs_interpreter
 def test_step_token_probs_underflow_is_kept():
     # Row 0: "+" is 200 below the max, so exp(-200) underflows to exactly 0 in fp32; row 1: 95 below, a denormal.
     V = 300
@@ -272,6 +290,7 @@ def test_step_token_probs_underflow_is_kept():
     torch.testing.assert_close(out, ref, rtol=3e-4, atol=0)
 
 
+@needs_interpreter
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_step_token_probs_zero_steps(backend, monkeypatch):
     monkeypatch.setattr(sr, "_step_vocab_lse_kernel", _NoLaunch())
@@ -280,6 +299,7 @@ def test_step_token_probs_zero_steps(backend, monkeypatch):
     assert out.shape == (0, 2) and out.dtype == torch.float32
 
 
+@needs_interpreter
 def test_step_token_probs_accepts_token_tensor():
     hidden = _hidden(8, 16, torch.float32)
     lm_w, lm_b = _head(64, 16, torch.float32)
