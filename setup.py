@@ -97,10 +97,10 @@ def cuda_toolkit_candidates(
     if nvcc_on_path:
         candidates.append(("nvcc on PATH", os.path.dirname(os.path.dirname(nvcc_on_path))))
     if "/usr/local/cuda" in installed:
-        candidates.append(("/usr/local/cuda", "/usr/local/cuda"))
+        candidates.append(("the default folder", "/usr/local/cuda"))
     versioned = [path for path in installed if re.fullmatch(r"/usr/local/cuda-\d+\.\d+", path)]
     for path in sorted(versioned, key=lambda p: _major_minor(p.rsplit("-", 1)[1]), reverse=True):
-        candidates.append(("installed", path))
+        candidates.append(("another installed toolkit", path))
     unique, seen = [], set()
     for where, home in candidates:
         home = os.path.normpath(home)

@@ -103,10 +103,10 @@ def test_candidate_order_and_duplicates():
     assert got == [
         ("$CUDA_HOME", "/usr/local/cuda-12.8"),
         ("$CUDA_PATH", "/opt/cuda"),
-        ("/usr/local/cuda", "/usr/local/cuda"),
-        ("installed", "/usr/local/cuda-12.10"),  # numeric order: 12.10 is newer than 12.6
-        ("installed", "/usr/local/cuda-12.6"),
-        ("installed", "/usr/local/cuda-11.8"),
+        ("the default folder", "/usr/local/cuda"),
+        ("another installed toolkit", "/usr/local/cuda-12.10"),  # numeric order: 12.10 is newer than 12.6
+        ("another installed toolkit", "/usr/local/cuda-12.6"),
+        ("another installed toolkit", "/usr/local/cuda-11.8"),
     ]
 
 
@@ -126,6 +126,30 @@ def test_toolkit_version_reads_nvcc_and_requires_the_headers(tmp_path):
     assert setup_py.toolkit_version(str(tmp_path / "cuda-12.8")) == "12.8"
     assert setup_py.toolkit_version(str(tmp_path / "wrapper")) is None
     assert setup_py.toolkit_version(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize(
+    "toolkit, torch_cuda", [("13.0", "12.8"), ("12.4", "12.8"), ("12.8", "12.8"), ("12.8", "13.0"), ("13.2", "13.0")]
+)
+def test_the_rule_is_torchs_own_build_check(tmp_path, monkeypatch, toolkit, torch_cuda):
+    # torch's check (run by BuildExtension before compiling) on the same fake toolkit: a choice must never fail it, and
+    # a toolkit it accepts must not be passed over. The compiler-version bounds it also checks are not at issue here.
+    torch = pytest.importorskip("torch")
+    from torch.torch_version import TorchVersion
+    from torch.utils import cpp_extension
+
+    home = tmp_path / "cuda"
+    write_fake_toolkit(home, toolkit)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    monkeypatch.setenv("TORCH_DONT_CHECK_COMPILER_ABI", "1")
+    try:
+        cpp_extension._check_cuda_version("c++", TorchVersion("11.0"))
+        torch_accepts = True
+    except RuntimeError:
+        torch_accepts = False
+    ours = setup_py.choose_cuda_toolkit(torch_cuda, [("$CUDA_HOME", str(home))], setup_py.toolkit_version)
+    assert (ours.home is not None) == torch_accepts
 
 
 # -- packages ---------------------------------------------------------------------------------------------------------
