@@ -286,7 +286,9 @@ def parse_results(dataset, results, *, validity_threshold: float = 0.5, redundan
             0/1) or not a real number (strings, booleans as scores, None, NaN, integers too large for a float).
     """
     position = dataset.position
-    redundancy_rule = dataset.arrays.redundancy_rule
+    # Only PRMBench samples have the NR/NCL redundancy rule (a BoN dataset has no classes).
+    arrays = getattr(dataset, "arrays", None)
+    redundancy_rule = arrays.redundancy_rule if arrays is not None else bytes(len(dataset))
     taken = bytearray(len(dataset))  # 1 where a result was kept: the first result per id wins
     unknown: list[str] = []
     duplicates = 0

@@ -28,6 +28,8 @@ from .packing import TokenizedSample, backbone_hidden_states
 from .predictions import StepPredictions, parse_results
 from .prefix_sharing import prefix_sharing_unsupported, shared_step_hidden
 from .results_store import ResultsStore
+from .tasks import get_task
+from .tasks.bon import BoNDataset
 from .token_cache import encode_dataset, packed_batches
 
 def _model_name(model: torch.nn.Module) -> str:
@@ -122,6 +124,7 @@ def score(
     share_prefixes: bool | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    task: str = "prmbench",
     **family_options: Any,
 ) -> Report:
     """Evaluate a process reward model on PRMBench.
@@ -131,7 +134,7 @@ def score(
             policy/PRM in the middle of training. A live model is used as it is (its device and dtype; DDP/FSDP-style
             wrappers are unwrapped), run in eval mode under ``torch.inference_mode`` and put back in its previous
             mode; its weights are never copied or reloaded.
-        dataset: the evaluation set (default: ``load_prmbench()``; pass a subset for quick checks).
+        dataset: the evaluation set (default: ``load_prmbench(task=task)``; pass a subset for quick checks).
         tokenizer: the model's tokenizer (default: loaded from the checkpoint folder).
         family: a name from ``prmbench_fast.families.FAMILY_NAMES``, or "auto" (from the model's config and name), or
             "critic": an LLM prompted as a critic through an OpenAI-compatible API (``model`` is the served model's
@@ -152,6 +155,8 @@ def score(
             (``prmbench_fast.prefix_sharing``); scores equal the unshared pipeline's within fp32 rounding. Default
             (None): on for causal decoders that support it, off otherwise.
         progress: show a progress bar with tokens/s and ETA.
+        task: "prmbench", "subset400" (``dataset`` from ``load_prmbench(task="subset400")``; scored with that task's
+            evaluator) or "bon" (``dataset`` from ``load_prmbench(path, task="bon")``; returns the BoN report).
         overwrite: start ``output_dir``'s run over (its results, report and identity are deleted; the tokenization
             cache is kept).
         **family_options: passed to the family (e.g. ``separator=``/``reward_tokens=`` for ``generic``).
@@ -171,8 +176,8 @@ def score(
         ValueError: a live model without ``tokenizer``, a family that does not fit the model, a run folder with
             another identity (``RunMismatchError``) or in use by another process (``RunLockedError``).
     """
-    if dataset is not None and not isinstance(dataset, PRMBenchDataset):
-        raise TypeError(f"dataset must be a PRMBenchDataset (prmbench_fast.load_prmbench), got {type(dataset).__name__}")
+    if dataset is not None and not isinstance(dataset, (PRMBenchDataset, BoNDataset)):
+        raise TypeError(f"dataset must come from prmbench_fast.load_prmbench, got {type(dataset).__name__}")
     if family == "critic":
         # An LLM prompted as a critic behind an OpenAI-compatible API: `model` is the served model's name.
         from .critic import score_critic
@@ -196,7 +201,7 @@ def score(
     if cls.takes_max_length:
         family_options["max_length"] = max_length
     fam: Family = cls.build(tokenizer, **family_options)
-    dataset = dataset if dataset is not None else load_prmbench()
+    dataset = dataset if dataset is not None else load_prmbench(task=task)
     rank, world = rank_and_world()
     device = next(model.parameters()).device
 
@@ -204,7 +209,8 @@ def score(
     resumed = StepPredictions.empty(device)
     finished: dict[str, Any] = {}
     if output_dir is not None:
-        store = _open_store(output_dir, _run_identity(model, fam, dataset, max_length), rank, world, overwrite)
+        identity = {"task": task, **_run_identity(model, fam, dataset, max_length)}
+        store = _open_store(output_dir, identity, rank, world, overwrite)
         finished = store.finished(dataset)
         if finished:
             resumed = parse_results(dataset, finished).predictions.to(device)
@@ -260,7 +266,8 @@ def score(
 
     # Every rank gathers every rank's predictions (device tensors) and evaluates them all: the same report everywhere.
     new = gather_predictions(StepPredictions.concat(parts) if parts else StepPredictions.empty(device))
-    report = evaluate_steps(dataset, StepPredictions.concat([resumed, new]))
+    predictions = StepPredictions.concat([resumed, new])
+    report = evaluate_steps(dataset, predictions) if task == "prmbench" else get_task(task).evaluate(dataset, predictions)
     report.run = {
         "family": fam.name,
         "model": _model_name(model),
@@ -304,7 +311,7 @@ def _data_fingerprint(dataset: PRMBenchDataset) -> str:
     """A hash of the samples' ids, questions, steps and error steps (what a sample's result depends on)."""
     digest = hashlib.sha256()
     for s in dataset.samples:
-        digest.update(json.dumps([s.id, s.question, s.steps, s.error_steps]).encode("utf-8"))
+        digest.update(json.dumps([s.id, s.question, s.steps, getattr(s, "error_steps", None)]).encode("utf-8"))
     return digest.hexdigest()[:16]
 
 

@@ -83,6 +83,9 @@ class BoNDataset(Sequence[BoNSample]):
     def __iter__(self) -> Iterator[BoNSample]:
         return iter(self.samples)
 
+    def __contains__(self, sample_id: object) -> bool:
+        return sample_id in self.by_id
+
     @functools.cached_property
     def position(self) -> dict[str, int]:
         return {s.id: i for i, s in enumerate(self.samples)}
