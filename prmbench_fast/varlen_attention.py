@@ -5,10 +5,10 @@ A packed row (layout: see :mod:`prmbench_fast.packing`) holds B samples back to 
 short its samples are. The function here attends inside each segment only, so a batch costs sum(len_b ** 2):
 
 - ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` on the packed ``(T, heads, dim)`` layout with
-  ``cu_seqlens`` int32. It runs flash attention, so CUDA tensors in fp16/bf16 only.
+  ``cu_seqlens`` int32. It runs flash attention: CUDA tensors in fp16/bf16, on sm_80 or newer, head dim <= 256.
 - ``"sdpa"``: one ``scaled_dot_product_attention`` call per segment, with segment bounds read from host-side
   integers (never from a device tensor, so no host sync). The CPU path, and the fallback for fp32 on CUDA.
-- ``"auto"``: ``"varlen"`` when the inputs qualify, else ``"sdpa"``.
+- ``"auto"``: ``"varlen"`` when the inputs qualify (:func:`flash_varlen_supported`), else ``"sdpa"``.
 
 Transformers hands every extra forward kwarg to the attention function, so
 :func:`prmbench_fast.packing.backbone_hidden_states` passes the varlen metadata by its standard names
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -36,9 +38,31 @@ try:
 except ImportError:  # torch < 2.10 has no varlen attention; the per-segment SDPA path still works.
     varlen_attn = None
 
-# Flash attention (behind varlen_attn) only has half-precision kernels, for head dims up to 256.
+# Flash attention (behind varlen_attn) has half-precision kernels only, built for sm_80 (Ampere) and newer: older
+# GPUs raise "FlashAttention only supports Ampere GPUs or newer". Its forward takes head dims up to 256, padding them
+# to a multiple of 8; only multiples of 8 are routed to it (every released model's head dim is one), so no padded
+# path is ever taken.
 _VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+_VARLEN_MIN_CAPABILITY = (8, 0)
 _VARLEN_MAX_HEAD_DIM = 256
+_VARLEN_HEAD_DIM_MULTIPLE = 8
+
+
+def flash_varlen_supported(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether flash varlen attention runs on a GPU of this compute capability, for this dtype and head dim."""
+    return (
+        varlen_attn is not None
+        and tuple(capability) >= _VARLEN_MIN_CAPABILITY
+        and dtype in _VARLEN_DTYPES
+        and head_dim <= _VARLEN_MAX_HEAD_DIM
+        and head_dim % _VARLEN_HEAD_DIM_MULTIPLE == 0
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    # Asked once per device: the query is a driver call, and attention runs once per layer.
+    return torch.cuda.get_device_capability(device)
 
 
 def _resolve_backend(backend: str, query: torch.Tensor) -> str:
@@ -46,13 +70,10 @@ def _resolve_backend(backend: str, query: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    qualifies = (
-        varlen_attn is not None
-        and query.is_cuda
-        and query.dtype in _VARLEN_DTYPES
-        and query.shape[-1] <= _VARLEN_MAX_HEAD_DIM
-    )
-    return "varlen" if qualifies else "sdpa"
+    if not query.is_cuda:
+        return "sdpa"
+    supported = flash_varlen_supported(_capability(query.device), query.dtype, query.shape[-1])
+    return "varlen" if supported else "sdpa"
 
 
 def _window_mask(length: int, sliding_window: int, device: torch.device) -> torch.Tensor:

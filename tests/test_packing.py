@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import types
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from flash_reference import flash_varlen_reference
 from prmbench_fast import varlen_attention
 from prmbench_fast.packing import PackedBatch, TokenizedSample, backbone_hidden_states, pack_batches
 
@@ -248,34 +250,42 @@ def test_attention_needs_packed_metadata():
         model.base_model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
 
 
-def _flash_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
-    """CPU stand-in for torch.nn.attention.varlen.varlen_attn with flash-attention's documented semantics.
-
-    q (T, Hq, D), k/v (T, Hkv, D); key j is visible to query i (same segment) iff i - left <= j <= i + right,
-    a negative bound meaning unlimited; GQA maps query head h to kv head h // (Hq // Hkv).
-    """
-    assert q.dim() == 3 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-    assert cu_q.dtype == torch.int32 and cu_k is cu_q and max_q == max_k
-    assert isinstance(window_size, tuple) and enable_gqa == (q.shape[1] != k.shape[1])
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    left, right = window_size
-    out = torch.empty_like(q)
-    bounds = cu_q.tolist()
-    assert max_q == max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        i = torch.arange(e - s)[:, None]
-        j = torch.arange(e - s)[None, :]
-        visible = ((left < 0) | (j >= i - left)) & ((right < 0) | (j <= i + right))
-        scores = torch.einsum("ihd,jhd->hij", q[s:e], k[s:e]) * scale
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        out[s:e] = torch.einsum("hij,jhd->ihd", probs, v[s:e])
-    return out
-
-
 def test_varlen_backend_plumbing(model, monkeypatch):
     """The CUDA varlen path cannot run here: check its layout, window and GQA plumbing against a CPU stand-in."""
-    monkeypatch.setattr(varlen_attention, "varlen_attn", _flash_varlen_reference)
+    monkeypatch.setattr(varlen_attention, "varlen_attn", flash_varlen_reference)
     batch = _packed_batch()
     hidden = backbone_hidden_states(model, batch, backend="varlen")
     torch.testing.assert_close(hidden, _per_sample(model, batch), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, head_dim, supported",
+    [
+        ((8, 0), torch.bfloat16, 128, True),  # A100
+        ((9, 0), torch.float16, 256, True),  # H100, the largest head dim
+        ((12, 0), torch.bfloat16, 64, True),  # a newer GPU
+        ((7, 5), torch.float16, 128, False),  # T4: no flash attention before sm_80
+        ((7, 0), torch.bfloat16, 64, False),  # V100
+        ((8, 6), torch.float32, 128, False),  # fp32: no flash kernel
+        ((9, 0), torch.bfloat16, 288, False),  # head dim above 256
+        ((8, 0), torch.bfloat16, 100, False),  # not a multiple of 8
+    ],
+)
+def test_flash_varlen_supported(capability, dtype, head_dim, supported):
+    assert varlen_attention.flash_varlen_supported(capability, dtype, head_dim) is supported
+
+
+def test_auto_backend_asks_the_query_device(monkeypatch):
+    # Two GPUs: "auto" must look at the capability of the device the query is on, not at the current device.
+    capabilities = {torch.device("cuda:0"): (7, 5), torch.device("cuda:1"): (8, 0)}
+    monkeypatch.setattr(varlen_attention, "_capability", capabilities.__getitem__)
+
+    def query(device: str, dtype=torch.bfloat16, head_dim=128):
+        # _resolve_backend reads only these attributes; no CUDA tensor can exist here.
+        return types.SimpleNamespace(is_cuda=True, device=torch.device(device), dtype=dtype, shape=(1, 4, 9, head_dim))
+
+    assert varlen_attention._resolve_backend("auto", query("cuda:1")) == "varlen"
+    assert varlen_attention._resolve_backend("auto", query("cuda:0")) == "sdpa"
+    assert varlen_attention._resolve_backend("auto", query("cuda:1", head_dim=100)) == "sdpa"
+    assert varlen_attention._resolve_backend("auto", torch.zeros(1, 4, 9, 128, dtype=torch.bfloat16)) == "sdpa"
+    assert varlen_attention._resolve_backend("varlen", query("cuda:0")) == "varlen"  # explicit choice is kept
