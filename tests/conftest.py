@@ -25,6 +25,7 @@ import pytest  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 PRMBENCH_JSONL = SHARED / "prmbench" / "prmbench_preview.jsonl"
+SUBSET400_JSONL = SHARED / "prmbench" / "subset400_official.jsonl"
 FIXTURES = SHARED / "prmbench" / "fixtures"
 
 
@@ -34,6 +35,14 @@ def prmbench_jsonl() -> pathlib.Path:
     if not PRMBENCH_JSONL.exists():
         pytest.fail(f"benchmark data not found at {PRMBENCH_JSONL}: tests need ../shared beside the checkout")
     return PRMBENCH_JSONL
+
+
+@pytest.fixture(scope="session")
+def subset400_jsonl() -> pathlib.Path:
+    """The official subset400 task's own data file (394 rows of the full data), from ../shared."""
+    if not SUBSET400_JSONL.exists():
+        pytest.fail(f"subset400 data not found at {SUBSET400_JSONL}: tests need ../shared beside the checkout")
+    return SUBSET400_JSONL
 
 
 def pytest_collection_modifyitems(config, items):

@@ -89,8 +89,12 @@ def _prf(tp, fp, tn, fn):
     return {"precision": p, "recall": r, "f1": f1, "negative_precision": np_, "negative_recall": nr, "negative_f1": nf1}
 
 
-def evaluate_official(results, samples):
-    """The official evaluate_function on result dicts ``{"idx", "scores", ["validity"]}`` (no size assertion)."""
+def evaluate_official(results, samples, *, subset400=False):
+    """The official evaluate_function on result dicts ``{"idx", "scores", ["validity"]}`` (no size assertion).
+
+    ``subset400``: the ``prmtest_classified_subset400`` task's copy of it, which lacks the subtraction of the correct
+    predictions from the validity-rate denominator.
+    """
     by_id = {s["idx"]: s for s in samples}
     classes = {s["classification"] for s in samples}
     step_metrics = ["correct_step_acc", "wrong_step_acc", "total_step_acc", "first_error_acc"]
@@ -106,7 +110,7 @@ def evaluate_official(results, samples):
             kept.append(result)
     correct_results = [r for r in kept if by_id[r["idx"]]["classification"] == "correct"]
     other_results = [r for r in kept if by_id[r["idx"]]["classification"] != "correct"]
-    total_num = len(samples) - len(correct_results)
+    total_num = len(samples) if subset400 else len(samples) - len(correct_results)
     valid_num = 0
     correct_acc = {}
     details = {}
