@@ -165,6 +165,40 @@ def test_output_dir_of_another_run_is_refused(subset, tokenizer, classifier, tmp
               output_dir=tmp_path, progress=False)
 
 
+def test_a_live_model_whose_weights_changed_never_resumes_the_old_results(subset, tokenizer, tmp_path):
+    model = tiny_llama(len(tokenizer), head="token_classification")
+    options = dict(tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH, output_dir=tmp_path, progress=False)
+    before = score(model, subset, **options)
+    with torch.no_grad():  # one "training step": the same module, other weights
+        model.score.weight.add_(0.5)
+    with pytest.raises(ValueError, match="weights: .* -> .*--overwrite"):
+        score(model, subset, **options)
+    after = score(model, subset, overwrite=True, **options)
+    fresh = score(model, subset, tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH, progress=False)
+    assert after.official == fresh.official and after.run["samples_resumed"] == 0
+    assert after.predictions == fresh.predictions and after.predictions != before.predictions  # new scores, not old
+
+
+def test_bon_task_is_scored_by_any_family_and_resumes(tokenizer, classifier, tmp_path):
+    from prmbench_fast.tasks.bon import evaluate_bon
+
+    rows = [{"id": f"gsm8k_{q}", "question": f"What is {q} plus 1?",
+             "responses": [f"We add one.\n\nSo it is {q + k}.\n\nThe answer is \\boxed{{{q + k}}}" for k in range(4)],
+             "ans_str": "", "answer": str(q + 1), "labels": ["correct" if k == 1 else "wrong" for k in range(4)]}
+            for q in range(3)]
+    path = tmp_path / "bon.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_prmbench(path, task="bon")
+    options = dict(tokenizer=tokenizer, family="generic", task="bon", output_dir=tmp_path / "run", progress=False)
+    first = score(classifier, data, **options)
+    assert first.run["samples_scored"] == 12 and first.diagnostics["predictions_used"] == 12
+    # The BoN evaluator on the written result lines gives the same numbers; a second call resumes all of them.
+    written = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert evaluate_bon(data, written).official == first.official
+    again = score(classifier, data, **options)
+    assert again.run["samples_resumed"] == 12 and again.official == first.official
+
+
 def test_unknown_model_gets_a_clear_error_listing_the_families(subset, tokenizer, classifier):
     with pytest.raises(FamilyError, match="pass family= one of: .*math_shepherd.*generic.*lm_judge"):
         score(classifier, subset, tokenizer=tokenizer, progress=False)
