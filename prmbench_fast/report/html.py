@@ -59,7 +59,8 @@ def _runs_section(runs) -> str:
     for run in runs:
         settings = run.settings
         rows.append(("", [_e(run.name), _e(run.task), _e(settings.get("model", "-")), _e(settings.get("family", "-")),
-                          _e(run.diagnostics.get("samples", "-")), _e(len(run.diagnostics.get("missing_ids", []))),
+                          _e(run.diagnostics.get("samples", run.diagnostics.get("responses", "-"))),  # bon: responses
+                          _e(len(run.diagnostics.get("missing_ids", []))),
                           _e(len(run.diagnostics.get("invalid_predictions", []))), _e(run.path)]))
     header = ["run", "task", "model", "family", "samples", "missing", "invalid", "folder"]
     return "<h2>Runs</h2>" + _table(header, rows, names=4)
