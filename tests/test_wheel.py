@@ -104,9 +104,10 @@ def run(command: list, **options) -> subprocess.CompletedProcess:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment for the installed package: nothing pointing at the repository, offline, caches in tmp."""
+    """The environment for the installed package: the test run's (TRITON_INTERPRET as conftest chose it), offline,
+    with nothing pointing at the repository."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.update(extra)
     return env
 
