@@ -21,6 +21,7 @@ from .predictions import StepPredictions
 __version__ = "0.1.0"
 
 _LAZY = {
+    "PRMBenchCallback": ("prmbench_fast.integrations.transformers", "PRMBenchCallback"),
     "score": ("prmbench_fast.scoring", "score"),
     "step_rewards": ("prmbench_fast.kernels.step_reward", "step_rewards"),
     "step_token_probs": ("prmbench_fast.kernels.step_reward", "step_token_probs"),
