@@ -282,9 +282,15 @@ def score(
         "truncated_samples": truncated_samples,
         "rewards_lost_to_truncation": rewards_lost,
         "world_size": world,
+        "validity_threshold": fam.validity_threshold,
+        "redundancy_threshold": fam.redundancy_threshold,
     }
     if store is not None:
         if rank == 0:
+            if isinstance(report, Report):  # a run folder carries the analyses its report page draws
+                from .analysis import analyze
+
+                report.analysis = analyze(dataset, report, validity_threshold=fam.validity_threshold)
             store.write_report(report)
         store.close()
     return report
