@@ -153,6 +153,7 @@ def _decode(data: bytes, path: pathlib.Path, line: int, error: type[FileError]) 
 def parse_json(text: str, source: str | os.PathLike, first_line: int = 1, error: type[FileError] = FileError) -> Any:
     """The JSON value in ``text``, which starts at line ``first_line`` of ``source``; any way it fails to parse becomes
     ``error`` naming the file and the line."""
+    text = text.rstrip("\r\n")  # else an error at the end of a JSON line is reported on the next line
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
