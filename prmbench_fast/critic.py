@@ -10,20 +10,26 @@ Layout of ``output_dir`` (on top of the :mod:`prmbench_fast.results_store` layou
     responses.jsonl   one line per asked sample: {"idx", "response" (the last answer text, null if none arrived),
                       "attempts", "errors"}, written (and fsync'ed) before the sample's result line, so every stored
                       result has its raw answer; :func:`results_from_responses` re-parses them without asking again.
+
+The API key is never written to the folder nor shown in a message: the run identity holds the endpoint's URL without
+credentials, and every error text stored or raised has the key masked.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
+import queue
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Mapping
+import urllib.parse
+from typing import Any, Callable, Iterator, Mapping
 
 from .data import PRMBenchDataset, Sample, load_prmbench
 from .evaluate import Report, evaluate
@@ -128,7 +134,7 @@ PROMPT_VERSION = hashlib.sha256(
 ).hexdigest()[:12]
 
 
-class CriticEndpointError(RuntimeError):
+class CriticEndpointError(ConnectionError):
     """The endpoint refuses every request (bad key, no access, unknown model or path): the run stops, and nothing
     is stored for the samples in flight, because storing them invalid would keep a resume from asking again."""
 
@@ -284,8 +290,10 @@ _REJECTED_STATUSES = (400, 413, 422)
 
 class _Asker:
     def __init__(self, client, *, api_model, shots, system_role, temperature, max_retries, retry_interval,
-                 max_tokens, extra_body, stop: threading.Event):
+                 max_tokens, extra_body, stop: threading.Event, endpoint: str, mask: Callable[[str], str]):
         self.client = client
+        self.endpoint = endpoint
+        self.mask = mask
         self.api_model = api_model
         self.shots = shots
         self.system_role = system_role
@@ -329,16 +337,16 @@ class _Asker:
                     result = {"scores": _score_fields(answer), "idx": sample.id, "validity": True}
                 return _Outcome(result, text, True, attempt, errors, prompt_tokens, completion_tokens)
             except openai.APIStatusError as err:
-                errors.append(f"HTTP {err.status_code}: {_short(err)}")
+                errors.append(f"HTTP {err.status_code}: {self.mask(_short(err))}")
                 if err.status_code in _FATAL_STATUSES:
                     raise CriticEndpointError(
-                        f"{self.client.base_url} answered HTTP {err.status_code} for model {self.api_model!r}: "
-                        f"{_short(err)} (check --api-base, --api-model and OPENAI_API_KEY)"
-                    ) from err
+                        f"{self.endpoint} answered HTTP {err.status_code} for model {self.api_model!r}: "
+                        f"{self.mask(_short(err))} (check --api-base, --api-model and OPENAI_API_KEY)"
+                    ) from None
                 if err.status_code in _REJECTED_STATUSES:
                     break
             except Exception as err:  # noqa: BLE001 timeouts, connection errors, malformed bodies, unusable scores
-                errors.append(f"{type(err).__name__}: {_short(err)}")
+                errors.append(f"{type(err).__name__}: {self.mask(_short(err))}")
             if attempt < self.max_retries:
                 # The official backoff: retry_interval * (1 + failures so far). The wait ends early on a stop.
                 self.stop.wait(self.retry_interval * (1 + len(errors)))
@@ -349,6 +357,71 @@ class _Asker:
 def _short(err: BaseException, limit: int = 300) -> str:
     message = str(err).replace("\n", " ")
     return message if len(message) <= limit else message[:limit] + "..."
+
+
+def public_url(url: str) -> str:
+    """``url`` without what may be a credential: the user:password part and the query string."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _masker(api_key: str, url: str) -> Callable[[str], str]:
+    """A function that replaces every form of the credentials in a text: the key, and a password in the URL (as
+    written, URL-decoded, and base64-encoded with its user as HTTP basic auth sends it). An endpoint may echo the
+    request's Authorization header in an error message."""
+    parts = urllib.parse.urlsplit(url)
+    secrets = {api_key, urllib.parse.quote(api_key, safe="")}
+    if parts.password:
+        user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password)
+        secrets |= {parts.password, password, base64.b64encode(f"{user}:{password}".encode()).decode()}
+    secrets.discard("")
+
+    def mask(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    return mask
+
+
+def _ask_all(ask: "_Asker", samples: list[Sample], concurrency: int) -> Iterator[tuple[Sample, _Outcome]]:
+    """(sample, outcome) as the answers arrive, from ``concurrency`` worker threads.
+
+    The workers are daemon threads, not a ThreadPoolExecutor's: at exit the interpreter joins an executor's threads,
+    so after Ctrl-C the process would wait for every request in flight (up to ``timeout`` per attempt); daemon
+    threads are abandoned instead, and whatever finished is already stored. A worker's exception (e.g.
+    :class:`CriticEndpointError`) is raised here.
+    """
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    for sample in samples:
+        todo.put(sample)
+
+    def work() -> None:
+        while not ask.stop.is_set():
+            try:
+                sample = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((sample, ask(sample), None))
+            except BaseException as err:  # noqa: BLE001 handed to the main thread, which raises it
+                done.put((sample, None, err))
+
+    for _ in range(min(concurrency, len(samples))):
+        threading.Thread(target=work, name="prmbench-critic", daemon=True).start()
+    for _ in range(len(samples)):
+        while True:
+            try:
+                # A timed wait: the main thread gets back to the interpreter often, so Ctrl-C is handled at once.
+                sample, outcome, err = done.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
+        if err is not None:
+            raise err
+        yield sample, outcome
 
 
 class _ResponseLog:
@@ -408,6 +481,8 @@ def score_critic(
     retry_interval: float = 1.0,
     timeout: float = 60.0,
     output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    retry_invalid: bool = False,
     progress: bool = True,
     extra_body: Mapping[str, Any] | None = None,
 ) -> Report:
@@ -430,10 +505,16 @@ def score_critic(
             numbers are retried after ``retry_interval * (1 + failures so far)`` seconds; after the last failure the
             sample is stored invalid (``{"validity": False, "idx"}``), as officially. HTTP 400/413/422 store it invalid
             at once (no retry can change them); 401/403/404 stop the run with :class:`CriticEndpointError`.
-        timeout: seconds per request.
+        timeout: seconds per request (a Ctrl-C does not wait for requests in flight: it stops at once, keeping
+            what finished).
         output_dir: results, raw answers, report.json and table.txt go there as they finish; a re-run with the same
             folder asks nothing about samples already stored, valid or invalid (the official resume reloads invalid
-            results too).
+            results too). The folder's identity is the endpoint URL (without credentials), the model, the prompt
+            version, shots, system role, temperature, max_tokens and extra_body; a re-run with any of them
+            different raises :class:`~prmbench_fast.results_store.RunMismatchError`.
+        overwrite: delete the results, raw answers and report in ``output_dir`` first and start over.
+        retry_invalid: ask again about the samples stored invalid in ``output_dir`` (unusable answers and samples
+            whose every attempt failed); their new results replace the old ones.
         progress: a progress bar on stderr.
         extra_body: extra JSON fields for each request (e.g. ``{"top_k": 1}`` for vLLM).
 
@@ -449,43 +530,62 @@ def score_critic(
         raise ValueError(f"shots must be 0, 1 or 2, got {shots}")
     if concurrency < 1 or max_retries < 1:
         raise ValueError("concurrency and max_retries must be at least 1")
+    if not timeout > 0 or timeout == float("inf"):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     dataset = dataset if dataset is not None else load_prmbench()
     system_role = system_role or default_system_role(api_model)
     temperature = default_temperature(api_model) if temperature is None else float(temperature)
     extra_body = dict(extra_body) if extra_body else None
     api_base = api_base or os.environ.get("OPENAI_BASE_URL") or None
-    api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-    client_options: dict[str, Any] = {"api_key": api_key, "max_retries": 0, "timeout": timeout}
+    api_key = api_key or os.environ.get("OPENAI_API_KEY") or ""
+    client_options: dict[str, Any] = {"api_key": api_key or "EMPTY", "max_retries": 0, "timeout": timeout}
     if api_base:
         client_options["base_url"] = api_base
     # Retries are ours (the official backoff and accounting), hence max_retries=0 for the client.
     client = openai.OpenAI(**client_options)
+    endpoint = public_url(str(client.base_url))
 
-    store = responses = None
-    finished: dict[str, dict[str, Any]] = {}
+    store = None
     if output_dir is not None:
-        run_config = {"model": api_model, "family": "critic", "prompt": PROMPT_VERSION, "shots": shots,
-                      "system_role": system_role, "temperature": temperature, "max_tokens": max_tokens,
-                      "extra_body": extra_body, "samples": len(dataset)}
-        store = ResultsStore(output_dir, run_config)
-        finished = store.finished()
+        identity = {"family": "critic", "endpoint": endpoint, "model": api_model, "prompt": PROMPT_VERSION,
+                    "shots": shots, "system_role": system_role, "temperature": temperature, "max_tokens": max_tokens,
+                    "extra_body": extra_body}
+        store = ResultsStore(output_dir, identity, overwrite=overwrite)
+    ask = _Asker(client, api_model=api_model, shots=shots, system_role=system_role, temperature=temperature,
+                 max_retries=max_retries, retry_interval=retry_interval, max_tokens=max_tokens,
+                 extra_body=extra_body, stop=threading.Event(), endpoint=endpoint,
+                 mask=_masker(api_key, str(client.base_url)))
+    # The store holds the folder's lock: released on every way out, an exception or Ctrl-C included.
+    with store if store is not None else contextlib.nullcontext():
+        report = _ask_and_evaluate(dataset, ask, store, concurrency=concurrency, overwrite=overwrite,
+                                   retry_invalid=retry_invalid, progress=progress)
+        if store is not None:
+            store.write_report(report)
+    return report
+
+
+def _ask_and_evaluate(dataset: PRMBenchDataset, ask: _Asker, store: ResultsStore | None, *, concurrency: int,
+                      overwrite: bool, retry_invalid: bool, progress: bool) -> Report:
+    """Resume from ``store``, ask about every other sample, store the answers as they arrive, evaluate them all."""
+    finished: dict[str, dict[str, Any]] = {}
+    responses = None
+    if store is not None:
+        if overwrite:
+            (store.dir / RESPONSES_FILE).unlink(missing_ok=True)
+        finished = store.finished(dataset)
+        if retry_invalid:
+            invalid = {i for i, r in finished.items() if "validity" in r and not r["validity"]}
+            store.forget(invalid)
+            finished = {i: r for i, r in finished.items() if i not in invalid}
         responses = _ResponseLog(store.dir / RESPONSES_FILE)
     todo = [s for s in dataset.samples if s.id not in finished]
 
-    stop = threading.Event()
-    ask = _Asker(client, api_model=api_model, shots=shots, system_role=system_role, temperature=temperature,
-                 max_retries=max_retries, retry_interval=retry_interval, max_tokens=max_tokens,
-                 extra_body=extra_body, stop=stop)
     bar = _Progress(len(todo), progress)
     new_results: list[dict[str, Any]] = []
     requests = unparseable = unanswered = prompt_tokens = completion_tokens = 0
     start = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=min(concurrency, max(len(todo), 1)), thread_name_prefix="prmbench-critic")
     try:
-        futures = {pool.submit(ask, sample): sample for sample in todo}
-        for future in as_completed(futures):
-            outcome = future.result()  # re-raises CriticEndpointError from a worker
-            sample = futures[future]
+        for sample, outcome in _ask_all(ask, todo, concurrency):
             requests += outcome.attempts
             prompt_tokens += outcome.prompt_tokens
             completion_tokens += outcome.completion_tokens
@@ -497,8 +597,7 @@ def score_critic(
             new_results.append(outcome.result)
             bar.update(unparseable + unanswered)
     finally:
-        stop.set()
-        pool.shutdown(wait=False, cancel_futures=True)
+        ask.stop.set()
         bar.close()
         if responses is not None:
             responses.close()
@@ -508,14 +607,15 @@ def score_critic(
     report = evaluate(dataset, ordered)
     report.run = {
         "family": "critic",
-        "model": api_model,
-        "api_base": str(client.base_url),
-        "shots": shots,
-        "system_role": system_role,
-        "temperature": temperature,
+        "model": ask.api_model,
+        "api_base": ask.endpoint,
+        "shots": ask.shots,
+        "system_role": ask.system_role,
+        "temperature": ask.temperature,
         "prompt": PROMPT_VERSION,
         "samples_scored": len(todo),
         "samples_resumed": len(finished),
+        "unknown_stored_ids": len(store.unknown_ids) if store is not None else 0,
         "requests": requests,
         "retries": requests - len(todo),
         "invalid_answers": unparseable,
@@ -529,6 +629,4 @@ def score_critic(
         "concurrency": concurrency,
     }
     report.predictions = ordered
-    if store is not None:
-        store.write_report(report)
     return report
