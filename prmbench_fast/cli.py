@@ -1,22 +1,77 @@
-"""The ``prmbench-fast`` command."""
+"""The ``prmbench-fast`` command.
+
+Every user error (a bad file, path, option or model folder, a run folder of another run or in use, an endpoint that
+refuses the key) ends the command with one line on stderr, ``prmbench-fast: error: <file>, line N, field 'x':
+problem``, and exit status 2, without a traceback. Ctrl-C exits with status 130; what finished is kept.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import warnings
 
-from .data import PRMBenchDataError
+from .extras import MissingExtraError
+from .io import FileWarning
+
+
+#: Errors that are the user's to fix: shown as one line, exit status 2. ValueError covers every file, data,
+#: prediction, family and run-folder error of the package; OSError covers paths, locks and refusing endpoints.
+USER_ERRORS = (ValueError, OSError, MissingExtraError)
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _print_unknown_ids(unknown: list[str]) -> None:
+    if unknown:
+        print(f"{len(unknown)} prediction id(s) are not in the data and were ignored (e.g. {unknown[0]!r})")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import load_prmbench
     from .evaluate import evaluate
-    from .io import read_predictions, write_json_atomic
+    from .io import PredictionFileError, check_output_file, read_predictions, write_json_atomic
 
+    if args.output:
+        check_output_file(args.output)  # before any work
     dataset = load_prmbench(args.data)
     predictions = read_predictions(args.predictions)
+    if not predictions:
+        raise PredictionFileError(args.predictions, None, None, "no predictions (the file is empty)")
+    predicted = {r["idx"] for r in predictions}
+    if predicted.isdisjoint(dataset.by_id):
+        raise PredictionFileError(args.predictions, None, "idx", f"none of its {len(predicted)} prediction ids is in "
+                                  f"the data (e.g. {predictions[0]['idx']!r})")
     if args.only_predicted:
-        predicted = {r["idx"] for r in predictions}
         dataset = dataset.restrict_to(predicted)
     report = evaluate(
         dataset,
@@ -32,31 +87,55 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"invalid {len(diag['invalid_predictions'])}, steps left unscored {diag['steps_left_unscored']}, "
         f"extra labels {diag['extra_labels']}"
     )
+    _print_unknown_ids(diag.get("unknown_prediction_ids", []))
     if args.output:
         write_json_atomic(args.output, {"official": report.official, "table": report.table, "diagnostics": diag})
         print(f"wrote {args.output}")
     return 0
 
 
+def _check_score_args(args: argparse.Namespace) -> None:
+    """What can be checked before loading data or a model: the output folder, the model folder, the device."""
+    from .io import check_output_dir, looks_like_hub_id
+    from .models import check_device, check_model_folder
+
+    if args.critic and not args.api_model:
+        raise ValueError("--critic needs --api-model (the model name the endpoint serves)")
+    if args.output_dir:
+        check_output_dir(args.output_dir)
+    if args.model is not None and (os.path.exists(args.model) or not looks_like_hub_id(args.model)):
+        check_model_folder(args.model)
+    if args.device:
+        check_device(args.device)
+
+
+def _score_critic(args: argparse.Namespace, dataset) -> int:
+    from .critic import score_critic  # not through score(): the critic needs neither torch's compiler nor a model
+
+    report = score_critic(dataset, api_model=args.api_model, api_base=args.api_base, shots=args.shots,
+                          concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
+                          output_dir=args.output_dir, overwrite=args.overwrite, retry_invalid=args.retry_invalid,
+                          progress=not args.no_progress)
+    run = report.run
+    print(report.format_table())
+    print(f"\ncritic {args.api_model}: {run['requests']} requests, {run['invalid_predictions']} invalid predictions, "
+          f"{run['seconds']:.1f} s")
+    return 0
+
+
 def _score(args: argparse.Namespace) -> int:
+    from .data import load_prmbench
+
+    _check_score_args(args)
+    dataset = load_prmbench(args.data, limit_per_class=args.limit_per_class)
+    if args.critic:
+        return _score_critic(args, dataset)
+
     import torch
 
-    from .data import load_prmbench
     from .scoring import score
 
-    dataset = load_prmbench(args.data, limit_per_class=args.limit_per_class)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.critic:
-        if not args.api_model:
-            raise ValueError("--critic needs --api-model (the model name the endpoint serves)")
-        report = score(args.api_model, dataset, family="critic", output_dir=args.output_dir,
-                       progress=not args.no_progress, api_base=args.api_base, shots=args.shots,
-                       concurrency=args.concurrency)
-        run = report.run
-        print(report.format_table())
-        print(f"\ncritic {args.api_model}: {run['requests']} requests, {run['invalid_predictions']} invalid predictions, "
-              f"{run['seconds']:.1f} s")
-        return 0
     if args.model is None:
         from .models import load_default_model
 
@@ -75,6 +154,7 @@ def _score(args: argparse.Namespace) -> int:
         device=args.device,
         backend=args.backend,
         output_dir=args.output_dir,
+        overwrite=args.overwrite,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
     )
@@ -104,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--only-predicted", action="store_true",
         help="evaluate only the predicted samples (and their correct partners) instead of the whole data",
     )
-    ev.add_argument("--validity-threshold", type=float, default=0.5, help="for predictions with scores but no labels")
-    ev.add_argument("--redundancy-threshold", type=float, default=0.15, help="for predictions with scores but no labels")
+    ev.add_argument("--validity-threshold", type=_finite_float, default=0.5,
+                    help="for predictions with scores but no labels")
+    ev.add_argument("--redundancy-threshold", type=_finite_float, default=0.15,
+                    help="for predictions with scores but no labels")
     ev.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "torch"], help="counting op backend")
     ev.set_defaults(run=_evaluate)
 
@@ -113,31 +195,61 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct as an lm_judge)")
     sc.add_argument("--family", default="auto", help="PRM family (default: from the model's config and name)")
     sc.add_argument("--data", default=None, help="PRMBench jsonl file, folder or hub id (default: $PRMBENCH_DATA, else the hub)")
-    sc.add_argument("--limit-per-class", type=int, help="score a stratified subset of at most N samples per class")
-    sc.add_argument("--max-length", type=int, default=2048, help="official truncation length in tokens")
-    sc.add_argument("--batch-tokens", type=int, default=16384, help="tokens per packed batch")
+    sc.add_argument("--limit-per-class", type=_positive_int,
+                    help="score a stratified subset of at most N samples per class")
+    sc.add_argument("--max-length", type=_positive_int, default=2048, help="official truncation length in tokens")
+    sc.add_argument("--batch-tokens", type=_positive_int, default=16384, help="tokens per packed batch")
     sc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype when loading a checkpoint")
     sc.add_argument("--device", help="device when loading a checkpoint (default: cpu)")
     sc.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="reward-head kernel backend")
     sc.add_argument("--output-dir", help="write per-sample results, report.json and table.txt; re-run to resume")
+    sc.add_argument("--overwrite", action="store_true",
+                    help="start the --output-dir run over (needed when it holds a run of another model or settings)")
     sc.add_argument("--cache-dir", help="keep tokenized samples here across runs")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
     sc.add_argument("--critic", action="store_true", help="evaluate an LLM critic behind an OpenAI-compatible API")
     sc.add_argument("--api-base", help="critic endpoint base URL (default: $OPENAI_BASE_URL)")
     sc.add_argument("--api-model", help="critic model name as the endpoint serves it")
     sc.add_argument("--shots", type=int, default=2, choices=[0, 1, 2], help="critic few-shot examples")
-    sc.add_argument("--concurrency", type=int, default=16, help="critic requests in flight")
+    sc.add_argument("--concurrency", type=_positive_int, default=16, help="critic requests in flight")
+    sc.add_argument("--timeout", type=_positive_float, default=60.0, help="critic: seconds per request")
+    sc.add_argument("--max-retries", type=_positive_int, default=5,
+                    help="critic: attempts per sample (timeouts, connection errors, HTTP 429/5xx)")
+    sc.add_argument("--retry-invalid", action="store_true",
+                    help="critic: ask again about the samples stored invalid in --output-dir (by default they are "
+                    "resumed as they are, as the official toolkit does)")
     sc.set_defaults(run=_score)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (PRMBenchDataError, ValueError, FileNotFoundError) as err:
-        print(f"prmbench-fast: error: {err}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(warnings.showwarning)
+        try:
+            return args.run(args)
+        except KeyboardInterrupt:
+            output_dir = getattr(args, "output_dir", None)
+            kept = f"; finished results are kept in {output_dir} (run the same command to resume)" if output_dir else ""
+            print(f"prmbench-fast: interrupted{kept}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except USER_ERRORS as err:
+            message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the library wrote
+            print(f"prmbench-fast: error: {message}", file=sys.stderr)
+            return EXIT_USER_ERROR
+
+
+def _warning_printer(default):
+    """``warnings.showwarning`` that prints the package's file warnings as ``prmbench-fast: warning: <message>``
+    (they already name the file and line) and leaves every other warning to ``default``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FileWarning):
+            print(f"prmbench-fast: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 if __name__ == "__main__":
