@@ -7,8 +7,9 @@ wins. The full data gives 6,969 samples: 758 ``correct`` and 6,211 others.
 Every row is validated; bad input raises :class:`PRMBenchDataError` naming the file, the line and the field, and so
 does a file that cannot be read (a folder, permission denied, not UTF-8, corrupt gzip) or holds no rows. A path that
 does not exist raises :class:`~prmbench_fast.io.MissingFileError` (a ``FileNotFoundError``); only ``owner/name`` ids
-are looked up on the hub. What the official loader tolerates (error steps past the last step, unsorted error steps, empty step strings,
-duplicate ids) is kept exactly as the official loader keeps it and counted in :attr:`PRMBenchDataset.diagnostics`.
+are looked up on the hub. What the official loader tolerates (error steps past the last step, unsorted error steps,
+empty step strings, duplicate ids) is kept exactly as the official loader keeps it and counted in
+:attr:`PRMBenchDataset.diagnostics`.
 """
 
 from __future__ import annotations

@@ -128,8 +128,6 @@ def read_lines(path: str | os.PathLike, error: type[FileError] = FileError) -> I
         raise error(path, number + 1, None, f"corrupt gzip data ({err or 'truncated'})") from None
     except PermissionError:
         raise error(path, None, None, "permission denied (the file is not readable)") from None
-    except IsADirectoryError:
-        raise error(path, None, None, "is a folder, expected a file") from None
     except OSError as err:
         raise error(path, number + 1, None, f"cannot be read ({err.strerror or err})") from None
 
@@ -157,7 +155,8 @@ def parse_json(text: str, source: str | os.PathLike, first_line: int = 1, error:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise error(source, first_line + err.lineno - 1, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
+        line = first_line + err.lineno - 1
+        raise error(source, line, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
     except (RecursionError, ValueError) as err:
         # Python refuses integers of more than 4,300 digits with a ValueError.
         problem = "nested too deeply" if isinstance(err, RecursionError) else "a number with too many digits"

@@ -121,7 +121,8 @@ class ResultsStore:
         self._lock.close()
 
     def _clear(self) -> None:
-        for path in [self.dir / RUN_FILE, *(self.dir / name for name in REPORT_FILES), *self.dir.glob("results*.jsonl")]:
+        run_files = [self.dir / RUN_FILE, *(self.dir / name for name in REPORT_FILES)]
+        for path in [*run_files, *self.dir.glob("results*.jsonl")]:
             path.unlink(missing_ok=True)
 
     def _check_identity(self) -> None:

@@ -152,7 +152,8 @@ def test_dtensor_parameters_are_read_as_their_local_shard(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the store
 
-IDENTITY = {"model": "m", "weights": "0123456789abcdef", "family": "generic", "max_length": 2048, "dtype": torch.float32}
+IDENTITY = {"model": "m", "weights": "0123456789abcdef", "family": "generic", "max_length": 2048,
+            "dtype": torch.float32}
 DATASET = PRMBenchDataset([Sample(f"circular_p{i}", "q", ("a", "b"), (2,), "circular", f"p{i}") for i in range(4)])
 
 
