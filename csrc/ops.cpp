@@ -15,5 +15,5 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(prmbench_fast, m) {
   m.def(
       "step_confusion(Tensor step_values, Tensor thresholds, Tensor cu_labels, Tensor error_steps, "
-      "Tensor cu_errors, Tensor sample_class, int num_classes) -> (Tensor, Tensor)");
+      "Tensor cu_errors, Tensor sample_class, int num_classes) -> (Tensor, Tensor, Tensor)");
 }

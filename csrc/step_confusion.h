@@ -6,8 +6,9 @@
 // Layout (the words of prmbench_fast/reference.py::step_confusion_reference):
 //   step_values (N,) bool/float32/float64, thresholds (B,) float64, cu_labels (B+1,) int64,
 //   error_steps (E,) int64 (0-based), cu_errors (B+1,) int64, sample_class (B,) int64;
-//   outputs class_counts (num_classes, 4) int64 [TP, FP, TN, FN] and
-//   sample_counts (B, 6) int64 [TP, FP, TN, FN, positive_labels, first_error_hit].
+//   outputs class_counts (num_classes, 4) int64 [TP, FP, TN, FN],
+//   sample_counts (B, 6) int64 [TP, FP, TN, FN, positive_labels, first_error_hit] and
+//   bad_input () int32, a bitwise OR of BadInput flags (0: the inputs were valid, the counts are meaningful).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,6 +24,17 @@ namespace prmbench_fast {
 constexpr int64_t kConfusionColumns = 4;  // TP, FP, TN, FN
 constexpr int64_t kSampleColumns = 6;     // TP, FP, TN, FN, positive_labels, first_error_hit
 enum SampleColumn : int { kTP = 0, kFP = 1, kTN = 2, kFN = 3, kPositiveLabels = 4, kFirstErrorHit = 5 };
+
+// What the data of the inputs can get wrong. The CPU op raises on the first violation it finds and returns 0; the CUDA
+// op cannot raise from the device without a trap, which would poison the whole process's CUDA context, so it ORs
+// these flags into its bad_input output instead (and reads nothing out of bounds), and prmbench_fast/ops.py raises
+// the CPU op's error when the flag is read. The values are part of the op's contract (ops.py spells them out).
+enum BadInput : int32_t {
+  kBadLabelOffsets = 1,     // cu_labels does not start at 0, decreases, or does not end at N
+  kBadErrorOffsets = 2,     // the same for cu_errors and E
+  kNegativeErrorStep = 4,   // an error step < 0
+  kClassOutOfRange = 8,     // a sample_class outside [0, num_classes)
+};
 
 // Checks that need no tensor data (so no device sync): ranks, lengths, dtypes, one device, num_classes >= 1.
 // Returns the batch size B.

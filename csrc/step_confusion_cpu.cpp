@@ -93,7 +93,7 @@ void sum_by_class(const at::Tensor& sample_counts, const at::Tensor& sample_clas
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> step_confusion_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_confusion_cpu(
     const at::Tensor& step_values_in,
     const at::Tensor& thresholds_in,
     const at::Tensor& cu_labels_in,
@@ -125,7 +125,8 @@ std::tuple<at::Tensor, at::Tensor> step_confusion_cpu(
     count_samples<scalar_t>(step_values, thresholds, cu_labels, error_steps, cu_errors, sample_counts);
   });
   sum_by_class(sample_counts, sample_class, class_counts);
-  return {class_counts, sample_counts};
+  // Bad inputs raised above; the flag exists so that both devices return the same outputs.
+  return {class_counts, sample_counts, at::zeros({}, cu_labels.options().dtype(at::kInt))};
 }
 
 }  // namespace

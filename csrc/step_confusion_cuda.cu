@@ -4,8 +4,10 @@
 // One thread counts one sample (grid-stride loop) with the same `count_sample` the CPU kernel runs, writes its
 // sample_counts row, and adds its TP/FP/TN/FN to a per-block class histogram in shared memory; each block then adds
 // its histogram to the zero-initialised global class_counts. There is no host synchronisation: all sizes come from
-// tensor metadata, and the checks that would need the data (offsets, class ids) are done on the CPU path only. Here the
-// kernel clamps offsets so malformed ones cannot read out of bounds, and asserts on out-of-range class ids.
+// tensor metadata. The checks that need the data (offsets, error steps, class ids) run in the kernel and never trap
+// (a device-side assert would leave a sticky error in the process's CUDA context): each thread ORs the BadInput flags
+// of its sample into the bad_input output, clamps malformed offsets and skips bad class ids so that nothing is read or
+// written out of bounds, and prmbench_fast/ops.py raises when it reads a nonzero flag.
 //
 // Only light ATen/c10 headers are included (no <torch/extension.h>, no <ATen/cuda/CUDAContext.h>): see
 // /work/shared/docs/TOOLCHAIN.md.
@@ -41,11 +43,20 @@ constexpr int64_t kMaxBlocks = 1024;
 constexpr int64_t kMaxSharedHistogramBytes = 48 * 1024;
 
 // [begin, end) of sample b in a tensor of `total` elements, clamped so malformed offsets cannot read out of bounds.
-__device__ inline void sample_range(const int64_t* offsets, int64_t b, int64_t total, int64_t* begin, int64_t* end) {
+// Returns `flag` when the offsets decrease here; with every sample checked, and the two ends checked once (see
+// `end_flags`), that is exactly the CPU op's check_offsets.
+__device__ inline int sample_range(
+    const int64_t* offsets, int64_t b, int64_t total, int flag, int64_t* begin, int64_t* end) {
   const int64_t lo = offsets[b];
   const int64_t hi = offsets[b + 1];
   *begin = lo < 0 ? 0 : (lo > total ? total : lo);
   *end = hi < *begin ? *begin : (hi > total ? total : hi);
+  return hi < lo ? flag : 0;
+}
+
+// Offsets must start at 0 and end at the length of the tensor they slice.
+__device__ inline int end_flags(const int64_t* offsets, int64_t num_samples, int64_t total, int flag) {
+  return (offsets[0] != 0 || offsets[num_samples] != total) ? flag : 0;
 }
 
 template <typename scalar_t>
@@ -62,7 +73,8 @@ __global__ void step_confusion_kernel(
     int64_t num_classes,
     bool shared_histogram,
     int64_t* __restrict__ sample_counts,
-    unsigned long long* __restrict__ class_counts) {
+    unsigned long long* __restrict__ class_counts,
+    int* __restrict__ bad_input) {
   extern __shared__ unsigned long long block_counts[];
   const int64_t histogram_size = num_classes * kConfusionColumns;
   unsigned long long* histogram = shared_histogram ? block_counts : class_counts;
@@ -73,11 +85,18 @@ __global__ void step_confusion_kernel(
   }
   __syncthreads();
 
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int flags = first == 0 ? end_flags(cu_labels, num_samples, num_values, kBadLabelOffsets) |
+                               end_flags(cu_errors, num_samples, num_error_steps, kBadErrorOffsets)
+                         : 0;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < num_samples; b += stride) {
+  for (int64_t b = first; b < num_samples; b += stride) {
     int64_t label_begin, label_end, error_begin, error_end;
-    sample_range(cu_labels, b, num_values, &label_begin, &label_end);
-    sample_range(cu_errors, b, num_error_steps, &error_begin, &error_end);
+    flags |= sample_range(cu_labels, b, num_values, kBadLabelOffsets, &label_begin, &label_end);
+    flags |= sample_range(cu_errors, b, num_error_steps, kBadErrorOffsets, &error_begin, &error_end);
+    for (int64_t e = error_begin; e < error_end; ++e) {
+      flags |= error_steps[e] < 0 ? kNegativeErrorStep : 0;
+    }
     int64_t counts[kSampleColumns];  // kept local so the histogram update below does not read global memory back
     count_sample(
         values + label_begin, label_end - label_begin, thresholds[b], error_steps + error_begin,
@@ -87,13 +106,17 @@ __global__ void step_confusion_kernel(
     }
 
     const int64_t cls = sample_class[b];
-    CUDA_KERNEL_ASSERT_MSG(cls >= 0 && cls < num_classes, "sample_class out of range [0, num_classes)");
-    if (cls >= 0 && cls < num_classes) {  // some platforms compile asserts out; never write outside the histogram
-      for (int64_t k = 0; k < kConfusionColumns; ++k) {
-        // TP/FP/TN/FN are never negative, so the unsigned add is exact.
-        atomicAdd(&histogram[cls * kConfusionColumns + k], static_cast<unsigned long long>(counts[k]));
-      }
+    if (cls < 0 || cls >= num_classes) {
+      flags |= kClassOutOfRange;  // and never write outside the histogram
+      continue;
     }
+    for (int64_t k = 0; k < kConfusionColumns; ++k) {
+      // TP/FP/TN/FN are never negative, so the unsigned add is exact.
+      atomicAdd(&histogram[cls * kConfusionColumns + k], static_cast<unsigned long long>(counts[k]));
+    }
+  }
+  if (flags != 0) {  // only bad inputs pay for the atomic
+    atomicOr(bad_input, flags);
   }
 
   if (shared_histogram) {
@@ -106,7 +129,7 @@ __global__ void step_confusion_kernel(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> step_confusion_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_confusion_cuda(
     const at::Tensor& step_values_in,
     const at::Tensor& thresholds_in,
     const at::Tensor& cu_labels_in,
@@ -129,18 +152,19 @@ std::tuple<at::Tensor, at::Tensor> step_confusion_cuda(
   const at::Tensor cu_errors = cu_errors_in.contiguous();
   const at::Tensor sample_class = sample_class_in.contiguous();
 
-  // Every row of sample_counts is written by the kernel; class_counts is accumulated into, so it starts at zero.
+  // Every row of sample_counts is written by the kernel; class_counts and bad_input are accumulated into, so they
+  // start at zero.
   at::Tensor sample_counts = at::empty({num_samples, kSampleColumns}, cu_labels.options());
   at::Tensor class_counts = at::zeros({num_classes, kConfusionColumns}, cu_labels.options());
-  if (num_samples == 0) {
-    return {class_counts, sample_counts};  // a zero-block grid is a launch error
-  }
+  at::Tensor bad_input = at::zeros({}, cu_labels.options().dtype(at::kInt));
 
   const int64_t histogram_bytes = num_classes * kConfusionColumns * static_cast<int64_t>(sizeof(unsigned long long));
   const bool shared_histogram = histogram_bytes <= kMaxSharedHistogramBytes;
   const size_t shared_bytes = shared_histogram ? static_cast<size_t>(histogram_bytes) : 0;
+  // At least one block, even for an empty batch: its first thread checks the ends of the offsets.
   const int64_t wanted_blocks = (num_samples + kThreadsPerBlock - 1) / kThreadsPerBlock;
-  const unsigned int blocks = static_cast<unsigned int>(wanted_blocks < kMaxBlocks ? wanted_blocks : kMaxBlocks);
+  const unsigned int blocks = static_cast<unsigned int>(
+      wanted_blocks < 1 ? 1 : (wanted_blocks < kMaxBlocks ? wanted_blocks : kMaxBlocks));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBool, step_values.scalar_type(), "step_confusion_cuda", [&] {
@@ -157,10 +181,11 @@ std::tuple<at::Tensor, at::Tensor> step_confusion_cuda(
         num_classes,
         shared_histogram,
         sample_counts.data_ptr<int64_t>(),
-        reinterpret_cast<unsigned long long*>(class_counts.data_ptr<int64_t>()));
+        reinterpret_cast<unsigned long long*>(class_counts.data_ptr<int64_t>()),
+        bad_input.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {class_counts, sample_counts};
+  return {class_counts, sample_counts, bad_input};
 }
 
 }  // namespace

@@ -16,6 +16,13 @@ REBUILD_COMMAND = "pip install --no-build-isolation -e ."
 #: Values accepted by the ``backend`` argument of :func:`step_confusion`.
 BACKENDS = ("auto", "cpu", "cuda", "torch")
 _TENSOR_ARGUMENTS = ("step_values", "thresholds", "cu_labels", "error_steps", "cu_errors", "sample_class")
+#: The bits of the op's third output, ``bad_input`` (enum BadInput in csrc/step_confusion.h).
+BAD_INPUT_FLAGS = {
+    1: "cu_labels must start at 0, never decrease and end at len(step_values)",
+    2: "cu_errors must start at 0, never decrease and end at len(error_steps)",
+    4: "error_steps must be 0-based (>= 0)",
+    8: "sample_class must be in [0, num_classes)",
+}
 
 try:
     # Loading the shared object runs its TORCH_LIBRARY registrations; the module itself is empty.
@@ -47,7 +54,8 @@ if HAS_C_EXTENSION:
         num_samples = cu_labels.shape[0] - 1
         class_counts = cu_labels.new_empty((num_classes, 4), dtype=torch.int64)
         sample_counts = cu_labels.new_empty((num_samples, 6), dtype=torch.int64)
-        return class_counts, sample_counts
+        bad_input = cu_labels.new_empty((), dtype=torch.int32)
+        return class_counts, sample_counts, bad_input
 
 
 def _check_device_type(tensors: dict[str, torch.Tensor], backend: str) -> None:
@@ -98,9 +106,11 @@ def step_confusion(
     Raises:
         ValueError: unknown ``backend``, or tensors on another device type than ``backend`` names.
         RuntimeError: the compiled extension is not importable (the message names the rebuild command), or the op
-            rejected its inputs (the message names the argument and the expected shape, dtype or range). The CPU
-            op checks offsets, error steps and class ids; the CUDA op cannot without a host sync and asserts on
-            out-of-range class ids in the kernel.
+            rejected its inputs (the message names the argument and the expected shape, dtype or range), the same
+            error on both devices. The CPU op checks the data before counting. The CUDA op checks it in the kernel
+            and reports it through a flag (a device-side assert would poison the process's CUDA context): reading
+            that flag is this function's one host synchronisation, and on a bad flag the CPU op runs on a host
+            copy of the inputs to raise its error. Either way the process and its CUDA context stay usable.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
@@ -110,4 +120,15 @@ def step_confusion(
     if backend != "auto":
         _check_device_type(dict(zip(_TENSOR_ARGUMENTS, args)), backend)
     _require_extension()
-    return torch.ops.prmbench_fast.step_confusion(*args)
+    class_counts, sample_counts, bad_input = torch.ops.prmbench_fast.step_confusion(*args)
+    flags = int(bad_input)
+    if flags:
+        _raise_bad_input(args, flags)
+    return class_counts, sample_counts
+
+
+def _raise_bad_input(args: tuple, flags: int) -> None:
+    """Raise the CPU op's error for inputs the CUDA op flagged (the CPU op names the first offending index)."""
+    torch.ops.prmbench_fast.step_confusion(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    problems = "; ".join(text for bit, text in BAD_INPUT_FLAGS.items() if flags & bit)
+    raise AssertionError(f"the CUDA op flagged inputs the CPU op accepts ({problems}): csrc/ checks disagree")

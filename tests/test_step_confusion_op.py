@@ -2,12 +2,14 @@
 
 Counts are compared exactly (torch.equal). The oracle below is a plain transcription of the official
 ``eval_on_hallucination_step`` (PRMBENCH_SPEC §2.2), independent of both the reference and the C++ code.
+The CUDA op runs the same counting code (csrc/step_confusion.h); tests/test_gpu.py checks it on a GPU.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import pathlib
 import re
 import sys
 
@@ -247,9 +249,16 @@ def test_opcheck(case):
 def test_fake_kernel_shapes():
     samples = [sample([0.9, 0.1], [1], cls=0)] * 3
     fake_args = tuple(t.to("meta") for t in pack(samples, torch.float32))
-    class_counts, sample_counts = torch.ops.prmbench_fast.step_confusion(*fake_args, 5)
-    assert class_counts.shape == (5, 4) and sample_counts.shape == (3, 6)
-    assert class_counts.dtype == sample_counts.dtype == torch.int64 and class_counts.device.type == "meta"
+    class_counts, sample_counts, bad_input = torch.ops.prmbench_fast.step_confusion(*fake_args, 5)
+    assert class_counts.shape == (5, 4) and sample_counts.shape == (3, 6) and bad_input.shape == ()
+    assert class_counts.dtype == sample_counts.dtype == torch.int64 and bad_input.dtype == torch.int32
+    assert class_counts.device.type == "meta"
+
+
+def test_cpu_op_flags_nothing():
+    # The CPU op raises on bad input (below), so its flag output is always 0.
+    *_, bad_input = torch.ops.prmbench_fast.step_confusion(*valid_args())
+    assert bad_input.dtype == torch.int32 and bad_input.shape == () and bad_input.item() == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -283,6 +292,23 @@ def test_invalid_inputs_raise(position, value, message):
     args[position] = value
     with pytest.raises(RuntimeError, match=message):
         ops.step_confusion(*args, backend="cpu")
+
+
+def test_bad_input_flags_match_the_header():
+    header = (pathlib.Path(ops.__file__).resolve().parents[1] / "csrc" / "step_confusion.h").read_text()
+    enum = header[header.index("enum BadInput") : header.index("};", header.index("enum BadInput"))]
+    assert sorted(int(value) for value in re.findall(r"= (\d+),", enum)) == sorted(ops.BAD_INPUT_FLAGS)
+
+
+def test_flagged_input_raises_the_cpu_error():
+    # What step_confusion does when the CUDA op sets bad_input: the CPU op, run on host copies, raises its error.
+    args = valid_args()
+    args[5] = torch.tensor([0, 2])
+    with pytest.raises(RuntimeError, match=r"sample_class\[1\] = 2 is out of range"):
+        ops._raise_bad_input(tuple(args), 8)
+    # A flag on inputs the CPU op accepts means the two kernels check different things: never silent.
+    with pytest.raises(AssertionError, match=r"sample_class must be in \[0, num_classes\).*csrc/ checks disagree"):
+        ops._raise_bad_input(tuple(valid_args()), 8)
 
 
 def test_cuda_backend_rejects_cpu_tensors():
