@@ -2,13 +2,16 @@
 subset at the expected steps, logged into the log history and to the other callbacks, on the live weights."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import DataCollatorForTokenClassification, Trainer, TrainerCallback, TrainingArguments
 
 import prmbench_fast
-from conftest import PRMBENCH_JSONL
+from conftest import PRMBENCH_JSONL, REPO_ROOT
 from prmbench_fast import load_prmbench, score
 from tiny_models import tiny_llama, train_tokenizer
 
@@ -30,10 +33,14 @@ def subset():
     return load_prmbench(PRMBENCH_JSONL, limit_per_class=1)
 
 
+def make_tokenizer(dataset):
+    texts = [s.question for s in dataset] + [step for s in dataset for step in s.steps]
+    return train_tokenizer(texts + [q for q, _ in PROBLEMS] + [step for _, steps in PROBLEMS for step, _ in steps])
+
+
 @pytest.fixture(scope="module")
 def tokenizer(subset):
-    texts = [s.question for s in subset] + [step for s in subset for step in s.steps]
-    return train_tokenizer(texts + [q for q, _ in PROBLEMS] + [step for _, steps in PROBLEMS for step, _ in steps])
+    return make_tokenizer(subset)
 
 
 def prm_examples(tokenizer):
@@ -75,7 +82,7 @@ class TrainingMode(TrainerCallback):
 def train(tmp_path, model, tokenizer, dataset, *, max_steps, eval_steps, **callback_options):
     examples = prm_examples(tokenizer)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=2,
+        output_dir=str(tmp_path / "trainer"), max_steps=max_steps, ddp_timeout=120, per_device_train_batch_size=2,
         per_device_eval_batch_size=2, learning_rate=1e-2, eval_strategy="steps", eval_steps=eval_steps,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
     )  # fmt: skip
@@ -148,6 +155,43 @@ def test_output_dir_keeps_one_fresh_folder_per_step_and_skips_absent_columns(tmp
         assert absent and not {PREFIX + column for column in absent} & set(values)
 
 
+# Runs under torchrun with 2 ranks (DDP on gloo, through the Trainer); prints one RESULT line per rank.
+DDP_CHILD = r"""
+import json, pathlib, sys
+sys.path.insert(0, sys.argv[1])
+from prmbench_fast import load_prmbench, score
+from test_callback import SCORE_OPTIONS, logged, make_tokenizer, prmbench_logs, train
+from tiny_models import tiny_llama
+
+data = load_prmbench(sys.argv[2], limit_per_class=1)
+tokenizer = make_tokenizer(data)
+model = tiny_llama(len(tokenizer), head="token_classification")
+trainer, recorder, mode = train(pathlib.Path(sys.argv[3]), model, tokenizer, data, max_steps=4, eval_steps=100,
+                                every_n_steps=2)
+final = score(model, data, tokenizer=tokenizer, progress=False, **SCORE_OPTIONS)  # every rank: it is collective
+history = prmbench_logs((entry["step"], entry) for entry in trainer.state.log_history)
+print("RESULT " + json.dumps({"rank": trainer.args.process_index, "world": trainer.args.world_size,
+                              "history": history, "final": logged(final.table)}), flush=True)
+"""
+
+
+def test_under_ddp_every_rank_scores_and_rank_zero_logs(tmp_path):
+    script = tmp_path / "ddp_child.py"
+    script.write_text(DDP_CHILD)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)  # the pipeline on CPU uses the torch backend
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    run = subprocess.run([*torchrun, str(script), str(REPO_ROOT / "tests"), str(PRMBENCH_JSONL), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = sorted((json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines()
+                    if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
+    # Both ranks scored (score() gathers across ranks: one skipping it would hang the other); only rank 0 logged.
+    assert [step for step, _ in ranks[0]["history"]] == [2, 4] and ranks[1]["history"] == []
+    assert ranks[0]["history"][-1][1] == ranks[0]["final"] == ranks[1]["final"]
+
+
 def test_arguments_are_checked(subset, tokenizer):
     with pytest.raises(ValueError, match="every_n_steps must be a positive int"):
         prmbench_fast.PRMBenchCallback(subset, tokenizer=tokenizer, trainer=None, every_n_steps=0)
@@ -156,8 +200,5 @@ def test_arguments_are_checked(subset, tokenizer):
 
 
 def test_import_is_light():
-    import subprocess
-    import sys
-
     code = "import sys, prmbench_fast\nassert 'transformers' not in sys.modules\nprmbench_fast.PRMBenchCallback\n"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
