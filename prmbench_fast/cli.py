@@ -15,7 +15,10 @@ import warnings
 
 from .extras import MissingExtraError
 from .io import FileWarning
+from .tasks import TASK_NAMES
 
+TASK_HELP = ("prmbench: the whole benchmark (default); subset400: the official 394-row quick task (its own validity "
+             "rate); bon: the official best-of-n task")
 
 #: Errors that are the user's to fix: shown as one line, exit status 2. ValueError covers every file, data,
 #: prediction, family and run-folder error of the package; OSError covers paths, locks and refusing endpoints.
@@ -57,13 +60,17 @@ def _print_unknown_ids(unknown: list[str]) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .data import load_prmbench
-    from .evaluate import evaluate
-    from .io import PredictionFileError, check_output_file, read_predictions, write_json_atomic
+    from .io import PredictionFileError, check_output_dir, check_output_file, read_predictions, write_json_atomic
+    from .tasks import get_task
 
     if args.output:
         check_output_file(args.output)  # before any work
-    dataset = load_prmbench(args.data)
+    if args.output_dir:
+        check_output_dir(args.output_dir)
+    if args.only_predicted and args.task != "prmbench":
+        raise ValueError(f"--only-predicted applies to --task prmbench only; the {args.task} task scores its own samples")
+    task = get_task(args.task)
+    dataset = task.load(args.data)
     predictions = read_predictions(args.predictions)
     if not predictions:
         raise PredictionFileError(args.predictions, None, None, "no predictions (the file is empty)")
@@ -73,24 +80,62 @@ def _evaluate(args: argparse.Namespace) -> int:
                                   f"the data (e.g. {predictions[0]['idx']!r})")
     if args.only_predicted:
         dataset = dataset.restrict_to(predicted)
-    report = evaluate(
-        dataset,
-        predictions,
-        validity_threshold=args.validity_threshold,
-        redundancy_threshold=args.redundancy_threshold,
-        backend=args.backend,
-    )
-    print(report.format_table())
-    diag = report.diagnostics
-    print(
-        f"\n{len(report.sample_ids)} samples scored of {diag['samples']}; missing {len(diag['missing_ids'])}, "
-        f"invalid {len(diag['invalid_predictions'])}, steps left unscored {diag['steps_left_unscored']}, "
-        f"extra labels {diag['extra_labels']}"
-    )
-    _print_unknown_ids(diag.get("unknown_prediction_ids", []))
+    if args.task == "bon":
+        report = task.evaluate(dataset, predictions, seed=args.seed)
+        print(report.format_table())
+        print(f"\nrandom tie-breaks seeded with {report.seed}")
+        _print_unknown_ids(report.diagnostics["unknown_prediction_ids"])
+        content = report.to_json()
+    else:
+        report = task.evaluate(
+            dataset,
+            predictions,
+            validity_threshold=args.validity_threshold,
+            redundancy_threshold=args.redundancy_threshold,
+            backend=args.backend,
+        )
+        print(report.format_table())
+        diag = report.diagnostics
+        print(
+            f"\n{len(report.sample_ids)} samples scored of {diag['samples']}; missing {len(diag['missing_ids'])}, "
+            f"invalid {len(diag['invalid_predictions'])}, steps left unscored {diag['steps_left_unscored']}, "
+            f"extra labels {diag['extra_labels']}"
+        )
+        _print_unknown_ids(diag.get("unknown_prediction_ids", []))
+        content = {"official": report.official, "table": report.table, "diagnostics": diag}
     if args.output:
-        write_json_atomic(args.output, {"official": report.official, "table": report.table, "diagnostics": diag})
+        write_json_atomic(args.output, content)
         print(f"wrote {args.output}")
+    if args.output_dir:
+        _write_evaluate_run(args, dataset, report, predictions)
+    return 0
+
+
+def _write_evaluate_run(args: argparse.Namespace, dataset, report, predictions: list[dict]) -> None:
+    """A run folder like score's: results.jsonl (the prediction lines read), report.json (with the analyses) and
+    table.txt, so that `prmbench-fast report` works on predictions made by any tool."""
+    import json
+
+    from .io import prepare_output_dir, write_json_atomic, write_text_atomic
+
+    folder = prepare_output_dir(args.output_dir)
+    report.run = {"task": args.task, "data": args.data, "predictions": str(args.predictions)}
+    if args.task != "bon":
+        from .analysis import analyze
+
+        report.run.update(validity_threshold=args.validity_threshold, redundancy_threshold=args.redundancy_threshold)
+        report.analysis = analyze(dataset, report)
+    write_text_atomic(folder / "results.jsonl", "".join(json.dumps(r) + "\n" for r in predictions))
+    write_json_atomic(folder / "report.json", report.to_json())
+    write_text_atomic(folder / "table.txt", report.format_table() + "\n")
+    print(f"wrote the run folder {folder} (results.jsonl, report.json, table.txt); HTML: prmbench-fast report {folder}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.run_dirs, args.output, data=args.data)
+    print(f"wrote {path} (its figures as PNG files beside it)")
     return 0
 
 
@@ -127,8 +172,13 @@ def _score(args: argparse.Namespace) -> int:
     from .data import load_prmbench
 
     _check_score_args(args)
-    dataset = load_prmbench(args.data, limit_per_class=args.limit_per_class)
+    dataset = load_prmbench(args.data, task=args.task, limit_per_class=args.limit_per_class)
     if args.critic:
+        if args.task != "prmbench":
+            raise ValueError(f"--critic scores --task prmbench only, not {args.task}")
+        if args.validity_threshold is not None or args.redundancy_threshold is not None:
+            raise ValueError("--validity-threshold/--redundancy-threshold apply to PRM families; a critic's labels are "
+                             "score > 0, as in the official critic adapters")
         return _score_critic(args, dataset)
 
     import torch
@@ -157,6 +207,9 @@ def _score(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
+        validity_threshold=args.validity_threshold,
+        redundancy_threshold=args.redundancy_threshold,
+        task=args.task,
     )
     run = report.run
     print(report.format_table())
@@ -177,9 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser(
         "evaluate", help="score an official PRMBench predictions file (result or checkpoint lines)"
     )
-    ev.add_argument("--data", default=None, help="PRMBench jsonl file, folder or hub id (default: $PRMBENCH_DATA, else the hub)")
+    ev.add_argument("--data", default=None, help="PRMBench jsonl file, folder or hub id (default: $PRMBENCH_DATA, else the "
+                    "hub); for --task bon, the BoN jsonl file or folder")
+    ev.add_argument("--task", default="prmbench", choices=TASK_NAMES, help=TASK_HELP)
     ev.add_argument("--predictions", required=True, help="jsonl (or .jsonl.gz) of official result lines")
     ev.add_argument("--output", help="write the report JSON here (atomically)")
+    ev.add_argument("--output-dir", help="write a run folder like score's (results.jsonl, report.json with the "
+                    "analyses, table.txt) for `prmbench-fast report`")
+    ev.add_argument("--seed", type=int, default=0, help="--task bon: seed of the random tie-breaks")
     ev.add_argument(
         "--only-predicted", action="store_true",
         help="evaluate only the predicted samples (and their correct partners) instead of the whole data",
@@ -194,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc = commands.add_parser("score", help="run a PRM on PRMBench and print the leaderboard row")
     sc.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct as an lm_judge)")
     sc.add_argument("--family", default="auto", help="PRM family (default: from the model's config and name)")
-    sc.add_argument("--data", default=None, help="PRMBench jsonl file, folder or hub id (default: $PRMBENCH_DATA, else the hub)")
+    sc.add_argument("--data", default=None, help="PRMBench jsonl file, folder or hub id (default: $PRMBENCH_DATA, else the "
+                    "hub); for --task bon, the BoN jsonl file or folder")
+    sc.add_argument("--task", default="prmbench", choices=TASK_NAMES, help=TASK_HELP)
     sc.add_argument("--limit-per-class", type=_positive_int,
                     help="score a stratified subset of at most N samples per class")
     sc.add_argument("--max-length", type=_positive_int, default=2048, help="official truncation length in tokens")
@@ -202,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype when loading a checkpoint")
     sc.add_argument("--device", help="device when loading a checkpoint (default: cpu)")
     sc.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="reward-head kernel backend")
+    sc.add_argument("--validity-threshold", type=_finite_float,
+                    help="override the family's official validity threshold (label = score > threshold; Skywork: "
+                    "of the score difference), as the official adapters' model_args do; recorded in the run")
+    sc.add_argument("--redundancy-threshold", type=_finite_float,
+                    help="override the official redundancy threshold (families with redundancy scores: reasoneval)")
     sc.add_argument("--output-dir", help="write per-sample results, report.json and table.txt; re-run to resume")
     sc.add_argument("--overwrite", action="store_true",
                     help="start the --output-dir run over (needed when it holds a run of another model or settings)")
@@ -219,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="critic: ask again about the samples stored invalid in --output-dir (by default they are "
                     "resumed as they are, as the official toolkit does)")
     sc.set_defaults(run=_score)
+
+    rp = commands.add_parser("report", help="write the HTML report of run folders (figures embedded, PNGs beside it)")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders of score/evaluate --output-dir")
+    rp.add_argument("--output", help="the HTML file (default: report.html in the first RUN_DIR)")
+    rp.add_argument("--data", help="the PRMBench data, only for run folders whose report.json has no analyses")
+    rp.set_defaults(run=_report)
     return parser
 
 

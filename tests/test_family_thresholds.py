@@ -1,6 +1,8 @@
 """Family.build: the official adapters' validity_threshold / redundancy_threshold overrides, accepted by every family,
 used by its label rule and recorded in its options (hence in cache_key and the run's settings)."""
 
+import json
+
 import pytest
 import torch
 
@@ -54,3 +56,22 @@ def test_redundancy_threshold_applies_to_families_with_redundancy_scores_only(to
     assert labels["validity"].tolist() == [True, False] and labels["redundancy"].tolist() == [False, True]
     with pytest.raises(FamilyError, match="unknown options"):  # a family's own option check still applies
         WithRedundancy.build(tokenizer, validity_threshold=0.4, size="7b")
+
+
+def test_score_command_records_the_thresholds_in_the_run(tmp_path, prmbench_jsonl, capsys):
+    from prmbench_fast import load_prmbench
+    from prmbench_fast.cli import main
+    from tiny_models import tiny_llama
+
+    data = load_prmbench(prmbench_jsonl, limit_per_class=1)
+    # " +" and " -" must be single tokens for lm_judge: the corpus repeats them so the BPE learns them.
+    tok = train_tokenizer([s.question for s in data] + [t for s in data for t in s.steps] + ["Verdict: +", "Verdict: -"] * 30)
+    tiny_llama(len(tok), head="causal").save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    args = ["score", "--model", str(tmp_path / "model"), "--family", "lm_judge", "--data", str(prmbench_jsonl),
+            "--limit-per-class", "1", "--max-length", "256", "--no-progress", "--output-dir", str(tmp_path / "run")]
+    assert main(args + ["--validity-threshold", "0.45"]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["validity_threshold"] == 0.45 and run["family_options"]["validity_threshold"] == "0.45"
+    assert main(args + ["--redundancy-threshold", "0.2"]) == 2
+    assert "lm_judge: emits no redundancy scores" in capsys.readouterr().err

@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, REPO_ROOT
 from prmbench_fast import evaluate, load_prmbench
 from prmbench_fast.analysis import analyze, trivial_baselines
+from prmbench_fast.cli import main
 from prmbench_fast.extras import MissingExtraError
 from prmbench_fast.metrics import TABLE_COLUMNS
 from prmbench_fast.report import load_run, summary_text, write_report
@@ -119,13 +120,14 @@ def test_bon_run_folder_gets_its_table(tmp_path):
 def test_summary_places_the_row_among_the_leaderboard_and_the_baselines(prmbench_jsonl):
     full = load_prmbench(prmbench_jsonl)
     table = dict.fromkeys(TABLE_COLUMNS, 50.0)
-    text = summary_text(table, trivial_baselines(full), name="demo", report_path="runs/demo/report.html")
+    text = summary_text(table, trivial_baselines(full), name="demo", samples=len(full), report_path="runs/demo/report.html")
     lines = text.splitlines()
-    order = [line[3:].split("  ")[0].strip() for line in lines[2:] if line.strip() and not line.startswith("published")]
+    order = [line[3:].split("  ")[0].strip() for line in lines[2:lines.index("")]]
     assert order[order.index("demo") - 1 : order.index("demo") + 2] == ["Llemma-oprm-7B", "demo", "MetaMath-7B"]  # 50.3, 49.7
     assert re.search(r"^>> demo\s+run\s+50\.0", text, re.M)
     assert re.search(r"all steps positive\s+baseline\s+45\.7", text)  # SPEC §2.5: the evaluator's own values
     assert re.search(r"all steps negative\s+baseline\s+13\.6", text)
+    assert "demo and the baselines: the 6,969 samples evaluated" in text and "ssmisya/PRMBench" in text
     assert lines[-1] == "report: runs/demo/report.html"
 
 
@@ -139,3 +141,44 @@ def test_missing_matplotlib_names_the_report_extra(tmp_path, monkeypatch):
 def test_importing_the_report_does_not_import_matplotlib():
     code = "import sys, prmbench_fast.report, prmbench_fast.analysis; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the command line -------------------------------------------------------------------------------------------------
+EXAMPLE = REPO_ROOT / "examples" / "skywork7b_first1000_predictions.jsonl.gz"
+
+
+def test_evaluate_output_dir_then_report(tmp_path, prmbench_jsonl, capsys):
+    run = tmp_path / "skywork"
+    assert main(["evaluate", "--data", str(prmbench_jsonl), "--predictions", str(EXAMPLE), "--only-predicted",
+                 "--output-dir", str(run)]) == 0
+    content = json.loads((run / "report.json").read_text())
+    assert content["task"] == "prmbench" and content["run"]["predictions"] == str(EXAMPLE)
+    # Skywork's labels follow its difference rule: no threshold of the scores gives them.
+    assert not content["analysis"]["threshold_sweep"]["applicable"]
+    assert (run / "table.txt").read_text().splitlines()[2].split()[0] == f"{content['table']['Overall']:.1f}"
+    assert len((run / "results.jsonl").read_text().splitlines()) == 1000
+    assert main(["report", str(run), "--output", str(tmp_path / "r.html")]) == 0
+    assert "wrote " + str(tmp_path / "r.html") in capsys.readouterr().out
+    page = (tmp_path / "r.html").read_text()
+    assert "not applicable" in page and '<td class="name">skywork</td>' in page
+    assert not (tmp_path / "r.sweep.png").exists() and (tmp_path / "r.radar.png").exists()
+
+
+def test_evaluate_bon_task(tmp_path):
+    from test_tasks_bon import synthetic_predictions, synthetic_rows, write_jsonl
+    from prmbench_fast.tasks.bon import evaluate_bon, load_bon
+
+    rows = synthetic_rows(2, questions=10)
+    data = write_jsonl(tmp_path / "bon.jsonl", rows)
+    predictions = write_jsonl(tmp_path / "p.jsonl", synthetic_predictions(rows, 2))
+    out = tmp_path / "o.json"
+    assert main(["evaluate", "--task", "bon", "--data", str(data), "--predictions", str(predictions), "--seed", "3",
+                 "--output", str(out), "--output-dir", str(tmp_path / "run")]) == 0
+    expected = evaluate_bon(load_bon(data), synthetic_predictions(rows, 2), seed=3)
+    assert json.loads(out.read_text())["official"] == json.loads(json.dumps(expected.official))
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["seed"] == 3
+
+
+def test_report_of_a_folder_without_report_json_is_a_one_line_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert re.fullmatch(r"prmbench-fast: error: .*is not a run folder: no report\.json.*\n", capsys.readouterr().err)

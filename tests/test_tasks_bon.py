@@ -310,3 +310,26 @@ def test_bad_prediction_values_are_named(tmp_path):
             evaluate_bon(data, [{"idx": "math_1/0", "scores": {"step_level_validity_scores": scores}}])
     with pytest.raises(PredictionError, match="'scores': missing"):
         evaluate_bon(data, [{"idx": "math_1/0"}])
+
+
+def test_score_command_scores_bon_responses_with_a_prm_family(tmp_path, capsys):
+    from prmbench_fast.cli import main
+    from prmbench_fast.io import read_predictions
+    from tiny_models import tiny_llama, train_tokenizer
+
+    rows = synthetic_rows(3, questions=6)
+    data = write_jsonl(tmp_path / "bon.jsonl", rows)
+    texts = [r["question"] for r in rows] + [t for r in rows for t in r["responses"]] + ["Verdict: +", "Verdict: -"] * 30
+    tok = train_tokenizer(texts)
+    tiny_llama(len(tok), head="causal").save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    run = tmp_path / "run"
+    assert main(["score", "--model", str(tmp_path / "model"), "--family", "lm_judge", "--task", "bon", "--data",
+                 str(data), "--max-length", "256", "--no-progress", "--output-dir", str(run)]) == 0
+    assert "PRM-BoN" in capsys.readouterr().out
+    results = read_predictions(run / "results.jsonl")
+    dataset = load_bon(data)
+    assert {r["idx"] for r in results} == {s.id for s in dataset}  # every response scored, steps as split
+    assert all(len(r["scores"]["step_level_validity_scores"]) <= len(dataset.by_id[r["idx"]].steps) for r in results)
+    written = json.loads((run / "report.json").read_text())
+    assert written["official"] == json.loads(json.dumps(evaluate_bon(dataset, results).official))

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import textwrap
 from typing import Any, Mapping, Sequence
 
 from ..io import write_text_atomic
@@ -83,7 +84,11 @@ def _analysis_from_results(view: RunView, data) -> dict[str, Any]:
     if view.task == "prmbench":  # a run on a stratified subset: its own samples, as `evaluate --only-predicted`
         dataset = dataset.restrict_to(r["idx"] for r in results)
     report = task.evaluate(dataset, results)
-    return analyze(dataset, report, validity_threshold=view.settings.get("validity_threshold"))
+    # The run's threshold: in report.json's settings, else in the run's identity (run.json of score --output-dir).
+    threshold = view.settings.get("validity_threshold")
+    if threshold is None and (view.path / "run.json").is_file():
+        threshold = json.loads((view.path / "run.json").read_text(encoding="utf-8")).get("validity_threshold")
+    return analyze(dataset, report, validity_threshold=threshold)
 
 
 def _run_names(paths: Sequence[pathlib.Path]) -> list[str]:
@@ -152,14 +157,20 @@ def summary_text(
     baselines: Mapping[str, Mapping[str, float | None]],
     *,
     name: str = "this run",
+    samples: int | None = None,
     report_path: str | os.PathLike | None = None,
 ) -> str:
     """The console summary of a run: its row among the published leaderboard and the trivial predictors' rows (all
     steps positive / negative, as the evaluator scores them on the run's data), the source, and where the report is.
 
-    ``baselines``: ``analysis["baselines"]`` or :func:`prmbench_fast.analysis.trivial_baselines` of the run's data.
+    ``baselines``: ``analysis["baselines"]`` or :func:`prmbench_fast.analysis.trivial_baselines` of the run's data;
+    ``samples``: the number of samples the run evaluated (said, since published rows cover the whole benchmark).
     """
-    lines = [leaderboard_text({name: table}, baselines), "", f"published rows: {published()[1]}"]
+    lines = [leaderboard_text({name: table}, baselines), ""]
+    if samples is not None:
+        lines.append(f"{name} and the baselines: the {samples:,} samples evaluated; published rows: the whole benchmark "
+                     "(6,969 samples).")
+    lines += textwrap.wrap(f"Published rows: {published()[1]}", width=120)
     if report_path is not None:
         lines.append(f"report: {report_path}")
     return "\n".join(lines)

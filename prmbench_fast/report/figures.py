@@ -12,8 +12,8 @@ from ..classes import CLASS_ABBREVIATIONS, ERROR_CLASSES
 from ..extras import require
 from ..metrics import TABLE_COLUMNS
 
-#: Positions with fewer error steps than this are left out of the recall curve (a handful of steps is noise).
-MIN_STEPS_PER_POSITION = 10
+#: Positions with fewer error steps than this are left out of the recall curve (a recall of 1-4 steps is noise).
+MIN_STEPS_PER_POSITION = 5
 DPI = 110
 
 
@@ -76,6 +76,7 @@ def recall_by_position(runs: Sequence[Any]) -> bytes | None:
         ax.plot([p for p, _ in points], [100 * r for _, r in points], marker="o", markersize=3.5, label=name)
     ax.set_xlabel(f"position of the error step (1-based; positions with ≥ {MIN_STEPS_PER_POSITION} error steps)")
     ax.set_ylabel("error steps labelled as errors (%)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
