@@ -373,8 +373,8 @@ def analyze(
         validity_threshold: the run's threshold (default ``report.run["validity_threshold"]`` when recorded); used for
             the sweep's run point when it reproduces the labels, else the threshold the labels imply.
     """
-    if report.step_predictions is None:
-        raise ValueError("analyze() needs the report's flat predictions (report.step_predictions)")
+    if getattr(report, "step_predictions", None) is None:  # a BoN report has none: these analyses are PRMBench's
+        raise ValueError("analyze() needs a PRMBench report with its flat predictions (report.step_predictions)")
     if validity_threshold is None:
         validity_threshold = report.run.get("validity_threshold")
     steps = _steps(dataset, report.step_predictions)

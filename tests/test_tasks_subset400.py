@@ -64,3 +64,16 @@ def test_all_valid_predictions_give_394_of_442(subset):
 def test_subset_rule_refuses_other_samples(prmbench_jsonl):
     with pytest.raises(ValueError, match="task='subset400'"):
         get_task("subset400").evaluate(load_prmbench(prmbench_jsonl, limit_per_class=2), [])
+
+
+def test_evaluate_command_writes_the_official_subset_numbers(tmp_path, prmbench_jsonl, subset):
+    from prmbench_fast.cli import main
+
+    results = random_predictions(subset, 2)
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in results))
+    out = tmp_path / "o.json"
+    assert main(["evaluate", "--task", "subset400", "--data", str(prmbench_jsonl), "--predictions", str(predictions),
+                 "--output", str(out)]) == 0
+    expected, _ = evaluate_official(results, oracle_samples(subset), subset400=True)
+    assert_official_equal(expected, json.loads(out.read_text())["official"])
