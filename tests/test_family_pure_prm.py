@@ -133,6 +133,28 @@ def test_official_rounding_gives_bf16_differences(tokenizer, model):
     assert torch.equal(got, expected)
 
 
+def test_official_mixed_precision_bf16_gives_fp32_differences(tokenizer, model):
+    """accelerate ``mixed_precision: bf16``: bf16 logits converted to fp32, softmax and p1 - p0 in fp32."""
+    bf16 = Qwen2ForTokenClassification(model.config).eval()
+    bf16.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        # The fixture's head is spread for label tests and saturates on random rows: logit gaps of std ~0.6 here
+        # keep the probabilities away from 0 and 1, where the two settings round differently.
+        bf16.score.weight.normal_(0.0, 0.05)
+        bf16.score.bias.zero_()
+    bf16.to(torch.bfloat16)
+    hidden = torch.randn(16, model.config.hidden_size).to(torch.bfloat16)
+    step_pos = torch.tensor([1, 7, 15])
+    got = PurePRMFamily(tokenizer, official_mixed_precision="bf16").step_scores(bf16, hidden, step_pos)["validity"]
+    with torch.no_grad():
+        probs = bf16.score(hidden).float()[step_pos].softmax(dim=-1)
+    assert torch.equal(got, probs[:, 1] - probs[:, 0]) and got.abs().max() < 0.9
+    rounded = PurePRMFamily(tokenizer, official_mixed_precision="no").step_scores(bf16, hidden, step_pos)["validity"]
+    legacy = PurePRMFamily(tokenizer, official_rounding=True).step_scores(bf16, hidden, step_pos)["validity"]
+    assert torch.equal(rounded, legacy) and not torch.equal(rounded, got)
+
+
 def test_registry_and_matches():
     assert family_class("pure_prm") is PurePRMFamily
     token_cls = Qwen2Config(architectures=["Qwen2ForTokenClassification"])

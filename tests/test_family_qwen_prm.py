@@ -161,6 +161,51 @@ def test_official_rounding_gives_bf16_probabilities(tokenizer, model):
     torch.testing.assert_close(exact, expected, atol=2**-8, rtol=0)  # within a bf16 ulp or two of the official
 
 
+def _bf16_head_model(model) -> Qwen2ForProcessRewardModel:
+    head_model = Qwen2ForProcessRewardModel(model.config).eval()
+    head_model.load_state_dict(model.state_dict())
+    return head_model.to(torch.bfloat16)
+
+
+def test_official_mixed_precision_bf16_gives_fp32_softmax_of_bf16_logits(tokenizer, model):
+    """accelerate ``mixed_precision: bf16`` (the example configs): bf16 head, outputs converted to fp32, F.softmax."""
+    head_model = _bf16_head_model(model)
+    torch.manual_seed(1)
+    hidden = torch.randn(20, model.config.hidden_size).to(torch.bfloat16)
+    step_pos = torch.tensor([0, 5, 19])
+    got = QwenPRMFamily(tokenizer, official_mixed_precision="bf16").step_scores(head_model, hidden, step_pos)
+    with torch.no_grad():
+        expected = F.softmax(head_model.score(hidden).float(), dim=-1)[step_pos, 1]
+    assert torch.equal(got["validity"], expected)
+    # mixed_precision "no" is the same softmax rounded to bf16, and official_rounding=True is its other spelling.
+    rounded = QwenPRMFamily(tokenizer, official_mixed_precision="no").step_scores(head_model, hidden, step_pos)
+    legacy = QwenPRMFamily(tokenizer, official_rounding=True).step_scores(head_model, hidden, step_pos)
+    assert torch.equal(rounded["validity"], expected.to(torch.bfloat16).float())
+    assert torch.equal(legacy["validity"], rounded["validity"])
+    assert not torch.equal(got["validity"], rounded["validity"])  # the two official settings do differ
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(official_mixed_precision="fp16"), "must be 'bf16' or 'no'"),
+        (dict(official_mixed_precision="bf16", official_rounding=True), "contradicts"),
+    ],
+)
+def test_official_precision_options_are_checked(tokenizer, options, match):
+    with pytest.raises(FamilyError, match=match):
+        QwenPRMFamily(tokenizer, **options)
+
+
+def test_official_mixed_precision_leaves_an_fp32_model_exact(tokenizer, model):
+    hidden = torch.randn(6, model.config.hidden_size)
+    step_pos = torch.tensor([1, 4])
+    exact = QwenPRMFamily(tokenizer).step_scores(model, hidden, step_pos)["validity"]
+    for setting in ("bf16", "no"):
+        family = QwenPRMFamily(tokenizer, official_mixed_precision=setting)
+        assert torch.equal(family.step_scores(model, hidden, step_pos)["validity"], exact)
+
+
 def test_checkpoint_keys_round_trip(tmp_path, model):
     keys = set(model.state_dict())
     assert {"score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias"} <= keys

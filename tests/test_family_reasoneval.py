@@ -196,6 +196,23 @@ def test_official_rounding_gives_bf16_probabilities(tok7):
     assert got["validity"].tolist() == [float(torch.tensor(p[1] + p[2], dtype=torch.float32)) for p in probs]
 
 
+def test_official_mixed_precision_bf16_gives_fp32_probabilities(tok7):
+    """accelerate ``mixed_precision: bf16``: bf16 logits converted to fp32, softmax in fp32, Python-float sums."""
+    model = _model("7B", len(tok7)).to(torch.bfloat16)
+    torch.manual_seed(1)
+    hidden = torch.randn(12, 64).to(torch.bfloat16)
+    step_pos = torch.tensor([0, 4, 11])
+    got = ReasonEvalFamily(tok7, size="7B", official_mixed_precision="bf16").step_scores(model, hidden, step_pos)
+    with torch.no_grad():
+        probs = torch.softmax(model.score_head(hidden)[step_pos].float(), dim=-1).tolist()
+    assert got["redundancy"].tolist() == [p[1] for p in probs]
+    assert got["validity"].tolist() == [float(torch.tensor(p[1] + p[2], dtype=torch.float32)) for p in probs]
+    legacy = ReasonEvalFamily(tok7, size="7B", official_rounding=True).step_scores(model, hidden, step_pos)
+    rounded = ReasonEvalFamily(tok7, size="7B", official_mixed_precision="no").step_scores(model, hidden, step_pos)
+    assert torch.equal(legacy["redundancy"], rounded["redundancy"])
+    assert not torch.equal(got["redundancy"], rounded["redundancy"])
+
+
 def test_checkpoint_keys_round_trip(tmp_path, tok34):
     model = _model("34B", len(tok34))
     assert {"score_head.weight", "score_head.bias"} <= set(model.state_dict())

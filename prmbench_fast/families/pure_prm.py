@@ -10,9 +10,10 @@ softmax probabilities (p0, p1); the step score is p1 - p0 in [-1, 1]. Label: sco
 The official code requires "\\n\\n" to be a single token (it calls ``.item()`` on its ids and asserts that every masked
 input id equals it); :class:`PurePRMFamily` raises :class:`FamilyError` otherwise.
 
-Precision: the official run is bf16 (softmax of bf16 logits, difference of bf16 probabilities). By default the head
-and softmax run in fp32; ``official_rounding=True`` rounds the logits, the probabilities and their difference to the
-model's dtype as the bf16 run does (SPEC §2.6 item 9).
+Precision (:mod:`prmbench_fast.families.precision`, SPEC §2.6 item 9): the official run loads bf16 weights. By default
+the head and softmax run in fp32. With a half-precision model, ``official_mixed_precision="bf16"`` reproduces the
+example accelerate configs (bf16 logits, fp32 softmax and difference); ``"no"`` (or ``official_rounding=True``)
+reproduces ``mixed_precision: no`` (bf16 probabilities and a bf16 difference).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from ..data import Sample
 from ..kernels.step_reward import gather_step_hidden, step_rewards
+from . import precision
 from .base import Encoded, Family, FamilyError
 
 STEP_SEPARATOR = "\n\n"
@@ -30,18 +32,19 @@ _NAME_MARKERS = ("qwen2.5-math-7b-prm800k", "pure-prm")
 
 
 class PurePRMFamily(Family):
-    """PURE (Qwen2ForTokenClassification, 2 labels). Options: ``official_rounding`` (bool, default False)."""
+    """PURE (Qwen2ForTokenClassification, 2 labels). Options: ``official_mixed_precision`` ("bf16" or "no") or
+    ``official_rounding`` (bool), see the module docstring."""
 
     name = "pure_prm"
     auto_class = "AutoModelForTokenClassification"
     validity_threshold = 0.0
 
     def __init__(self, tokenizer: Any, **options: Any):
-        unknown = set(options) - {"official_rounding"}
+        unknown = set(options) - set(precision.OPTIONS)
         if unknown:
-            raise FamilyError(f"pure_prm: unknown options {sorted(unknown)}; known: official_rounding")
+            raise FamilyError(f"pure_prm: unknown options {sorted(unknown)}; known: {', '.join(precision.OPTIONS)}")
         super().__init__(tokenizer, **options)
-        self.official_rounding = bool(options.get("official_rounding", False))
+        self.mixed_precision = precision.official_mixed_precision(self.name, options)
         ids = self._tokens(STEP_SEPARATOR)
         if len(ids) != 1:
             raise FamilyError(
@@ -83,10 +86,10 @@ class PurePRMFamily(Family):
     ) -> dict[str, torch.Tensor]:
         head = model.score
         dtype = head.weight.dtype
-        if self.official_rounding and dtype != torch.float32:
-            # bf16 logits -> softmax (fp32 inside, bf16 out) -> bf16 difference, as the official bf16 run.
-            logits = head(gather_step_hidden(hidden, step_pos).to(dtype))
-            probs = torch.softmax(logits.float(), dim=-1).to(dtype)
+        if precision.applies(self.mixed_precision, dtype):
+            # The difference in the probabilities' dtype: bf16 under mixed_precision "no", fp32 under "bf16".
+            rows = gather_step_hidden(hidden, step_pos)
+            probs = precision.official_probabilities(head, rows, dtype, self.mixed_precision)
             return {"validity": (probs[:, 1] - probs[:, 0]).float()}
         probs = step_rewards(hidden, step_pos, head.weight, head.bias, activation="softmax", backend=backend)
         return {"validity": probs[:, 1] - probs[:, 0]}

@@ -13,12 +13,12 @@ Rewards: at every token whose id equals the id of ``<extra_0>`` (the official ru
 head ``score`` = Linear(h, h) -> ReLU -> Linear(h, 2) is applied to the gathered rows only, then softmax; the step score
 is P(class 1). Label: score > 0.5.
 
-Precision. The official run loads the model in bf16, so its probabilities are bf16 numbers (spacing 2^-9 near 0.5)
-computed from a bf16 head. By default this family evaluates the head and the softmax in fp32 on the backbone's
-hidden states (the "exact" reading; scores differ from a bf16 run by up to a few bf16 ulps). With the option
-``official_rounding=True`` and a half-precision model, the head runs in the model's dtype and the probabilities are
-rounded to it, as the official ``F.softmax`` on bf16 logits does, which reproduces the bf16 ties at 0.5
-(SPEC §2.6 item 9).
+Precision (:mod:`prmbench_fast.families.precision`, SPEC §2.6 item 9). The official run loads the model in bf16. By
+default this family evaluates the head and the softmax in fp32 on the backbone's hidden states (the "exact" reading;
+scores differ from a bf16 run by up to a few bf16 ulps). With a half-precision model, ``official_mixed_precision=
+"bf16"`` runs the head in the model's dtype and the softmax in fp32, as the official run under the example accelerate
+configs (``mixed_precision: bf16``); ``"no"`` (or ``official_rounding=True``) also rounds the probabilities to bf16,
+as under ``mixed_precision: no``, which reproduces that setting's ties at 0.5.
 
 Not reproduced: the official reader drops *every* exact zero of ``probs * mask`` before ``.view(-1, 2)``, so a
 probability that underflows to 0 (a logit gap above ~90 in bf16) would shift all later scores of that sample. Real
@@ -36,6 +36,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
 
 from ..data import Sample
 from ..kernels.step_reward import gather_step_hidden
+from . import precision
 from .base import Encoded, Family, FamilyError
 from .text import clean_step
 
@@ -83,7 +84,8 @@ def _head_fp32(head: nn.Sequential, rows: torch.Tensor) -> torch.Tensor:
 
 
 class QwenPRMFamily(Family):
-    """Qwen2.5-Math-PRM. Options: ``official_rounding`` (bool, default False), see the module docstring."""
+    """Qwen2.5-Math-PRM. Options: ``official_mixed_precision`` ("bf16" or "no") or ``official_rounding`` (bool),
+    see the module docstring."""
 
     name = "qwen_prm"
     #: What the official adapter loads with; no transformers auto class builds this head without remote code, so
@@ -92,11 +94,11 @@ class QwenPRMFamily(Family):
     validity_threshold = 0.5
 
     def __init__(self, tokenizer: Any, **options: Any):
-        unknown = set(options) - {"official_rounding"}
+        unknown = set(options) - set(precision.OPTIONS)
         if unknown:
-            raise FamilyError(f"qwen_prm: unknown options {sorted(unknown)}; known: official_rounding")
+            raise FamilyError(f"qwen_prm: unknown options {sorted(unknown)}; known: {', '.join(precision.OPTIONS)}")
         super().__init__(tokenizer, **options)
-        self.official_rounding = bool(options.get("official_rounding", False))
+        self.mixed_precision = precision.official_mixed_precision(self.name, options)
         # The official adapter takes encode("<extra_0>")[0] (with the tokenizer's default special tokens).
         ids = tokenizer.encode(STEP_SEPARATOR)
         if not ids or tokenizer.convert_ids_to_tokens(ids[0]) != STEP_SEPARATOR:
@@ -147,9 +149,8 @@ class QwenPRMFamily(Family):
         head = model.score
         rows = gather_step_hidden(hidden, step_pos)
         dtype = head[0].weight.dtype
-        if self.official_rounding and dtype != torch.float32:
-            # As the official bf16 run: the head in the model dtype, softmax computed in fp32 and rounded to it.
-            probs = torch.softmax(head(rows.to(dtype)).float(), dim=-1).to(dtype).float()
+        if precision.applies(self.mixed_precision, dtype):
+            probs = precision.official_probabilities(head, rows, dtype, self.mixed_precision)
         else:
             probs = torch.softmax(_head_fp32(head, rows), dim=-1)
-        return {"validity": probs[:, 1].contiguous()}
+        return {"validity": probs[:, 1].float().contiguous()}

@@ -18,8 +18,10 @@ validity = p_neutral + p_positive (label > 0.5), redundancy = p_neutral (label >
 probabilities as Python floats and compares with the thresholds in float64; this family does the same (see
 :meth:`ReasonEvalFamily.step_scores` and :meth:`ReasonEvalFamily.step_labels`).
 
-Precision: the official run is bf16; ``official_rounding=True`` rounds the logits and the probabilities to the
-model's dtype as the bf16 run does; the default reads in fp32.
+Precision (:mod:`prmbench_fast.families.precision`, SPEC §2.6 item 9): the official run loads bf16 weights; the default
+reads in fp32. With a half-precision model, ``official_mixed_precision="bf16"`` reproduces the example accelerate
+configs (bf16 logits, fp32 softmax); ``"no"`` (or ``official_rounding=True``) also rounds the probabilities to bf16,
+as under ``mixed_precision: no``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from transformers.models.mistral.modeling_mistral import MistralPreTrainedModel
 
 from ..data import Sample
 from ..kernels.step_reward import gather_step_hidden, step_rewards
+from . import precision
 from .base import Encoded, Family, FamilyError
 from .text import clean_step
 
@@ -106,7 +109,8 @@ def size_for(config: Any, name_or_path: str = "") -> str | None:
 
 
 class ReasonEvalFamily(Family):
-    """ReasonEval. Options: ``size`` ("7B", "34B" or "auto", default "auto"), ``official_rounding`` (bool).
+    """ReasonEval. Options: ``size`` ("7B", "34B" or "auto", default "auto"), ``official_mixed_precision`` ("bf16" or
+    "no") or ``official_rounding`` (bool), see the module docstring.
 
     ``size="auto"`` reads the size from the tokenizer's ``name_or_path``; when that does not tell, from the only
     arithmetic that can work with this tokenizer: the 7B needs PAD == BOS, the 34B needs PAD != BOS. Callers that
@@ -121,11 +125,13 @@ class ReasonEvalFamily(Family):
     redundancy_threshold = 0.15
 
     def __init__(self, tokenizer: Any, **options: Any):
-        unknown = set(options) - {"size", "official_rounding"}
+        unknown = set(options) - {"size", *precision.OPTIONS}
         if unknown:
-            raise FamilyError(f"reasoneval: unknown options {sorted(unknown)}; known: size, official_rounding")
+            raise FamilyError(
+                f"reasoneval: unknown options {sorted(unknown)}; known: size, {', '.join(precision.OPTIONS)}"
+            )
         super().__init__(tokenizer, **options)
-        self.official_rounding = bool(options.get("official_rounding", False))
+        self.mixed_precision = precision.official_mixed_precision(self.name, options)
         pad = getattr(tokenizer, "pad_token", None)
         if pad is None:
             raise FamilyError("reasoneval: the tokenizer has no pad_token; ReasonEval uses it as the step separator")
@@ -197,9 +203,9 @@ class ReasonEvalFamily(Family):
             )
         head = model.score_head
         dtype = head.weight.dtype
-        if self.official_rounding and dtype != torch.float32:
-            logits = head(gather_step_hidden(hidden, step_pos).to(dtype))
-            probs = torch.softmax(logits.float(), dim=-1).to(dtype).float()
+        if precision.applies(self.mixed_precision, dtype):
+            rows = gather_step_hidden(hidden, step_pos)
+            probs = precision.official_probabilities(head, rows, dtype, self.mixed_precision).float()
         else:
             probs = step_rewards(hidden, step_pos, head.weight, head.bias, activation="softmax", backend=backend)
         # float64 sum as the official Python floats; stored as float32, see step_labels for the exact labels.
