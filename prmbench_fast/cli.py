@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pathlib
 import sys
 import warnings
 
@@ -220,7 +221,24 @@ def _score(args: argparse.Namespace) -> int:
     )
     if args.output_dir:
         print(f"results, report.json and table.txt in {args.output_dir}")
+        if args.task != "bon":
+            _print_summary(report, run, args.output_dir, samples=len(dataset))
     return 0
+
+
+def _print_summary(report, run, output_dir, *, samples: int) -> None:
+    """The run's row among the published leaderboard and the trivial predictors, and where its report page is."""
+    from .extras import MissingExtraError
+    from .report import summary_text, write_report
+
+    try:
+        html = write_report([output_dir])
+    except MissingExtraError as err:  # no matplotlib: the summary still says where the run stands
+        html = None
+        print(f"prmbench-fast: note: {err}")
+    name = pathlib.PurePath(run["model"]).name or run["model"]  # a checkpoint folder: its last part
+    print(summary_text(report.table, report.analysis["baselines"], name=name, samples=samples,
+                       report_path=html))
 
 
 def build_parser() -> argparse.ArgumentParser:
