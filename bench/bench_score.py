@@ -85,6 +85,14 @@ def timed(fn, repeats):
     return value, best
 
 
+def tiny_model(dataset):
+    """The tiny random Llama (hidden 256, 4 layers) with a tokenizer trained on ``dataset``'s texts and the lm_judge
+    verdict tokens. Returns (model, tokenizer)."""
+    texts = [s.question for s in dataset] + [t for s in dataset for t in s.steps]
+    tok = train_tokenizer(texts + ["Verdict: + -"])
+    return tiny_llama(len(tok), hidden=256, layers=4), tok
+
+
 def compare(label, model, tokenizer, dataset, batch_tokens, repeats):
     family = LMJudge(tokenizer)
     # The first score() call also tokenizes and packs; later calls (a training loop's) reuse the cached batches.
@@ -115,9 +123,7 @@ def main() -> None:
 
     dataset = load_prmbench(args.data, limit_per_class=args.limit_per_class)
     rows, identical = [], {}
-    texts = [s.question for s in dataset] + [t for s in dataset for t in s.steps]
-    tok = train_tokenizer(texts + ["Verdict: + -"])
-    tiny = tiny_llama(len(tok), hidden=256, layers=4)
+    tiny, tok = tiny_model(dataset)
     tiny_rows, identical["tiny Llama"] = compare("tiny Llama", tiny, tok, dataset, args.batch_tokens, args.repeats)
     rows += tiny_rows
     if not args.skip_smollm2:
