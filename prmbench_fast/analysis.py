@@ -237,7 +237,7 @@ def _run_threshold(steps: _Steps, validity_threshold: float | None) -> tuple[flo
         return None, "no step is scored by its validity label"
     score, label = steps.score[use], steps.label[use]
     if np.isnan(score).any():
-        return None, "some predictions have labels without validity scores"
+        return None, "some predictions have labels without validity scores (evaluate(..., keep_scores=True) keeps them)"
     low = score[~label].max(initial=-np.inf)  # labels are score > t exactly when low <= t < high
     high = score[label].min(initial=np.inf)
     if not low < high:

@@ -94,6 +94,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             validity_threshold=args.validity_threshold,
             redundancy_threshold=args.redundancy_threshold,
             backend=args.backend,
+            keep_scores=bool(args.output_dir),  # the run folder's analyses read the scores
         )
         print(report.format_table())
         diag = report.diagnostics

@@ -123,6 +123,7 @@ def evaluate(
     backend: str = "auto",
     task: str = "prmbench",
     validity_denominator: str = "non_correct",
+    keep_scores: bool = False,
     **task_options: Any,
 ):
     """Score predictions exactly as the official PRMBench evaluator does.
@@ -142,6 +143,8 @@ def evaluate(
             ``task_options`` go to it (e.g. ``seed=`` for "bon").
         validity_denominator: "non_correct" (the main task: samples minus the correct samples' predictions) or
             "all_samples" (the subset400 task's evaluator).
+        keep_scores: keep the step scores of result dicts that also carry labels in ``report.step_predictions``
+            (what :func:`prmbench_fast.analysis.analyze` reads). The evaluator itself never reads them.
 
     Returns:
         A :class:`Report`; ``report.official`` equals the official ``evaluate_function`` output (counts exactly,
@@ -163,7 +166,7 @@ def evaluate(
     if isinstance(predictions, StepPredictions):
         return evaluate_steps(dataset, predictions, backend=backend, validity_denominator=validity_denominator)
     parsed = parse_results(dataset, predictions, validity_threshold=validity_threshold,
-                           redundancy_threshold=redundancy_threshold)
+                           redundancy_threshold=redundancy_threshold, keep_scores=keep_scores)
     if parsed.predictions.num_samples == 0:
         unknown = parsed.unknown_ids
         if not unknown:

@@ -272,14 +272,17 @@ def _is_mapping(value: Any) -> bool:
     return type(value) is dict or isinstance(value, Mapping)
 
 
-def parse_results(dataset, results, *, validity_threshold: float = 0.5, redundancy_threshold: float = 0.15) -> ParsedResults:
+def parse_results(
+    dataset, results, *, validity_threshold: float = 0.5, redundancy_threshold: float = 0.15, keep_scores: bool = True
+) -> ParsedResults:
     """Official result dicts -> the flat predictions layout (CPU tensors), checked.
 
     ``results`` is a mapping ``sample id -> result`` or an iterable of result dicts carrying ``idx``. A result is the
     official ``{"scores": {...}, "validity": bool}`` (``validity`` optional); a bare scores dict is accepted too.
     Ids outside the dataset are left out (listed in ``unknown_ids``); the first result per id wins. A prediction with
     scores but no labels is labelled ``score > validity_threshold`` (redundancy: ``score > redundancy_threshold``),
-    as the official adapters label them.
+    as the official adapters label them. ``keep_scores=False`` leaves the scores of labelled predictions out (the
+    evaluator never reads them; analyses do), which saves converting every score.
 
     Raises:
         PredictionError: naming the sample id, the field and the index of a value that is not a label (true/false,
@@ -339,14 +342,17 @@ def parse_results(dataset, results, *, validity_threshold: float = 0.5, redundan
         elif type(step_labels) is not list:
             _check_list(sample_id, VALIDITY_LABELS, step_labels)
         extend_labels(step_labels)
-        if type(step_scores) is list and len(step_scores) == len(step_labels):
+        if not keep_scores:
+            pass
+        elif type(step_scores) is list and len(step_scores) == len(step_labels):
             extend_scores(step_scores)
         else:
             if step_scores is not None:
                 _check_list(sample_id, VALIDITY_SCORES, step_scores)
             extend_scores([nan] * len(step_labels))  # no scores, or not one per label: unusable for analyses
         end_sample(len(labels))
-    return ParsedResults(_flat(dataset, kept, offsets, labels, scores, invalid, redundancy), unknown, duplicates)
+    flat = _flat(dataset, kept, offsets, labels, scores if keep_scores else None, invalid, redundancy)
+    return ParsedResults(flat, unknown, duplicates)
 
 
 def _items(results):
@@ -427,10 +433,12 @@ def _flat(dataset, kept, offsets, labels, scores, invalid, redundancy) -> StepPr
     def spans():  # only walked to name a bad value
         return ((samples[where].id, offsets[k], offsets[k + 1]) for k, where in enumerate(kept))
 
-    validity_scores = torch.from_numpy(_scores_array(scores, VALIDITY_SCORES, spans, allow_nan=True))
-    redundancy_labels = redundancy_scores = has_redundancy = None
+    validity_scores = redundancy_labels = redundancy_scores = has_redundancy = None
+    if scores is not None:
+        validity_scores = torch.from_numpy(_scores_array(scores, VALIDITY_SCORES, spans, allow_nan=True))
     if redundancy:
-        redundancy_labels, redundancy_scores = _redundancy_arrays(samples, kept, offsets, len(labels), redundancy)
+        redundancy_labels, redundancy_scores = _redundancy_arrays(samples, kept, offsets, len(labels), redundancy,
+                                                                  keep_scores=scores is not None)
         has_redundancy = torch.zeros(len(kept), dtype=torch.bool)
         has_redundancy[list(redundancy)] = True
     valid = None
@@ -449,9 +457,9 @@ def _flat(dataset, kept, offsets, labels, scores, invalid, redundancy) -> StepPr
     )
 
 
-def _redundancy_arrays(samples, kept, offsets, num_steps, redundancy):
-    """The (S,) redundancy labels and scores: the values of the predictions in ``redundancy`` at their steps, False
-    and NaN elsewhere."""
+def _redundancy_arrays(samples, kept, offsets, num_steps, redundancy, *, keep_scores: bool):
+    """The (S,) redundancy labels and scores (None without ``keep_scores``): the values of the predictions in
+    ``redundancy`` at their steps, False and NaN elsewhere."""
     rows = list(redundancy)
     starts = np.asarray(offsets, dtype=np.int64)[rows]
     lengths = np.asarray([len(redundancy[r][0]) for r in rows], dtype=np.int64)
@@ -462,12 +470,14 @@ def _redundancy_arrays(samples, kept, offsets, num_steps, redundancy):
         return ((samples[kept[r]].id, int(cu[i]), int(cu[i + 1])) for i, r in enumerate(rows))
 
     flat_labels = list(itertools.chain.from_iterable(redundancy[r][0] for r in rows))
+    labels = torch.zeros(num_steps, dtype=torch.bool)
+    labels[steps] = torch.from_numpy(_labels_array(flat_labels, REDUNDANCY_LABELS, spans))
+    if not keep_scores:
+        return labels, None
     nan_scores = [math.nan]
     flat_scores = list(itertools.chain.from_iterable(
         redundancy[r][1] if redundancy[r][1] is not None else nan_scores * len(redundancy[r][0]) for r in rows
     ))
-    labels = torch.zeros(num_steps, dtype=torch.bool)
-    labels[steps] = torch.from_numpy(_labels_array(flat_labels, REDUNDANCY_LABELS, spans))
     scores = torch.full((num_steps,), math.nan, dtype=torch.float64)
     scores[steps] = torch.from_numpy(_scores_array(flat_scores, REDUNDANCY_SCORES, spans, allow_nan=True))
     return labels, scores

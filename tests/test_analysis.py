@@ -79,7 +79,7 @@ def counted_steps(dataset, results):
 @pytest.fixture(scope="module")
 def hand():
     dataset, results = hand_dataset(), hand_predictions()
-    report = evaluate(dataset, results)
+    report = evaluate(dataset, results, keep_scores=True)
     return dataset, results, report, analyze(dataset, report, bootstrap=200, validity_threshold=0.5)
 
 
@@ -158,7 +158,7 @@ def test_sweep_is_not_applicable_where_labels_are_not_a_threshold_of_the_scores(
         s = r["scores"]["step_level_validity_scores"]
         labels = [True] + [b - a > -0.05 for a, b in zip(s, s[1:])]
         skywork.append({"idx": r["idx"], "scores": {"step_level_validity_scores": s, "step_level_validity_labels": labels}})
-    report = evaluate(dataset, skywork)
+    report = evaluate(dataset, skywork, keep_scores=True)
     sweep = analyze(dataset, report, bootstrap=0)["threshold_sweep"]
     assert sweep == {"applicable": False, "reason": sweep["reason"]} and "threshold" in sweep["reason"]
     labels_only = [{"idx": r["idx"], "scores": {"step_level_validity_labels": r["scores"]["step_level_validity_labels"]}}
@@ -198,7 +198,7 @@ def test_intervals_are_seeded_and_resample_problems(hand):
     # One problem: every replicate is the data itself, so the interval is the point.
     one = PRMBenchDataset(s for s in dataset if s.source_idx == "a")
     results = [r for r in hand_predictions() if r["idx"] in one.by_id]
-    single = analyze(one, evaluate(one, results), bootstrap=50)["intervals"]["columns"]
+    single = analyze(one, evaluate(one, results, keep_scores=True), bootstrap=50)["intervals"]["columns"]
     assert all(e["low"] == e["high"] == pytest.approx(e["value"], abs=1e-12) for e in single.values())
 
 
@@ -226,7 +226,7 @@ def test_full_benchmark_sweep_equals_the_table_and_baselines_are_the_official_on
         if rng.random() < 0.1:
             result["scores"]["step_level_redundancy_labels"] = [rng.random() < 0.3 for _ in scores]
         results.append(result)
-    report = evaluate(full, results)
+    report = evaluate(full, results, keep_scores=True)
     analysis = analyze(full, report, validity_threshold=0.5)
     assert analysis["threshold_sweep"]["at_run_threshold"] == report.table
     assert abs(analysis["auroc"]["value"] - 0.5) < 0.02  # random scores

@@ -25,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(folder, dataset, results, *, analysis=True):
-    report = evaluate(dataset, results)
+    report = evaluate(dataset, results, keep_scores=True)
     content = {"official": report.official, "table": report.table, "diagnostics": report.diagnostics,
                "run": {"model": "m", "family": "f", "validity_threshold": 0.5}}
     if analysis:

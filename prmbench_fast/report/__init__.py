@@ -83,7 +83,7 @@ def _analysis_from_results(view: RunView, data) -> dict[str, Any]:
     dataset = task.load(data)
     if view.task == "prmbench":  # a run on a stratified subset: its own samples, as `evaluate --only-predicted`
         dataset = dataset.restrict_to(r["idx"] for r in results)
-    report = task.evaluate(dataset, results)
+    report = task.evaluate(dataset, results, keep_scores=True)  # the analyses read the scores
     # The run's threshold: in report.json's settings, else in the run's identity (run.json of score --output-dir).
     threshold = view.settings.get("validity_threshold")
     if threshold is None and (view.path / "run.json").is_file():
