@@ -20,8 +20,8 @@ Depth first, with one :class:`transformers.DynamicCache` that holds the keys/val
 current node (``P`` tokens). Each forward call runs *segments* (edges) packed in one row on top of that cache,
 ``position_ids`` continuing from each segment's depth: a whole subtree of at most ``batch_tokens`` tokens goes into
 one call, its segments in depth-first order, and each segment attends to the cached prefix, to the segments of the
-call on its path and causally to itself, never to a sibling (:func:`prefix_attention_forward`, one SDPA call per
-segment, the plan of which keys each segment sees built once per call: :class:`CallPlan`). A subtree larger than
+call on its path and causally to itself, never to a sibling (:func:`prefix_attention_forward`; the plan of which keys
+each segment sees is built once per call, with one host-to-device copy: :class:`CallPlan`). A subtree larger than
 ``batch_tokens`` is entered through the cache instead: its top edge runs first in a call, the cache is cropped to
 the end of that edge, the walk recurses, and the cache is cropped back to ``P``. Reward rows inside an edge are read
 once and copied to every sample that has a reward there.
@@ -31,6 +31,19 @@ layer. A subtree that would have to be entered past the budget is not: each dist
 segment from ``P`` to its end (sharing below that depth is given up; ``tokens_computed`` shows the cost). During a
 call the cache also holds the call's new tokens (at most ``batch_tokens``, or one sample), as the unshared pipeline
 holds its batch.
+
+Attention and precision
+-----------------------
+The same kernel as the unshared path (:func:`prmbench_fast.varlen_attention.auto_backend` decides for both): on a GPU
+where that path runs flash varlen (fp16/bf16, sm_80+), each layer gathers every segment's keys and makes one
+``varlen_attn`` call, each segment's queries aligned with the end of its keys (:class:`VarlenKeys`); elsewhere one
+SDPA call per segment. Even so, shared rows are not bitwise the unshared ones: a prefix's keys come from an earlier
+forward call of another shape. In fp32 that moves rows by a few ulp (5e-7 measured). In bf16 both paths carry
+bf16's own error: against fp32 rows the shared rows' error is the unshared rows' (max 0.023-0.025 on the test
+models, hidden states of magnitude ~4), and the two differ by at most one bf16 ulp of a row (0.016; measured on
+CPU by tests/test_prefix_sharing.py, on CUDA by tests/test_gpu.py, both by the rule "shared error <= 2x unshared
+error"). A score computed from such rows can move by that much, so a label within a bf16 ulp of its threshold may
+differ between ``share_prefixes=True`` and ``False``, as it may between any two bf16 runs of different batch shapes.
 
 When it applies
 ---------------
@@ -54,6 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import varlen_attention
 from .packing import TokenizedSample, _decoder, _truncate, attention_implementation
 
 ATTN_IMPLEMENTATION = "prmbench_prefix"
@@ -61,8 +75,27 @@ ATTN_IMPLEMENTATION = "prmbench_prefix"
 
 # -- attention: segments of a subtree on top of a shared cached prefix -----------------------------------------------
 @dataclasses.dataclass(frozen=True)
+class VarlenKeys:
+    """The flash path's layout of one call: every segment's keys gathered one after the other, so that one
+    ``varlen_attn`` call per layer runs all segments (each segment's queries aligned with the end of its keys).
+
+    Attributes:
+        index: (K,) int64, positions into the layer's P + T keys, segment after segment (``CallPlan.key_ranges``).
+        cu_q: (B+1,) int32, the segments' query offsets (``CallPlan.bounds``).
+        cu_k: (B+1,) int32, their key offsets in the gather: segment b has ``starts[b] + len_b`` keys.
+        max_q, max_k: the most queries, and keys, of one segment.
+    """
+
+    index: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+@dataclasses.dataclass(frozen=True)
 class CallPlan:
-    """Host-side layout of one forward call, built once per call (not per layer).
+    """Layout of one forward call, built once per call (not per layer) with one host-to-device copy.
 
     The call's T new tokens are B segments back to back (segment b is new tokens ``bounds[b]:bounds[b+1]``), on top
     of ``prefix_len`` (P) cached tokens. In the layer's keys (the cache after ``DynamicCache.update``: P cached keys,
@@ -75,10 +108,12 @@ class CallPlan:
         bounds: (B+1) Python ints.
         starts: (B) Python ints, each segment's first absolute position (its depth in the tree).
         key_ranges: per segment, ``(lo, hi)`` ranges into the P + T keys, merged where adjacent.
-        key_index: per segment, an int64 index tensor over the P + T keys, or None when its keys are one slice
-            ``[0, hi)`` (no copy).
-        masks: per segment, a float additive (len_b, starts[b] + len_b) causal mask (0 or -inf) whose query i
-            sits at ``starts[b] + i``, or None when ``starts[b] == 0`` (plain ``is_causal``).
+        key_index: SDPA path: per segment, an int64 index tensor over the P + T keys, or None when its keys are one
+            slice ``[0, hi)`` (no copy). All None on the flash path.
+        masks: SDPA path: per segment, a float additive (len_b, starts[b] + len_b) causal mask (0 or -inf) whose query
+            i sits at ``starts[b] + i``, or None when ``starts[b] == 0`` (plain ``is_causal``). All None on the flash
+            path.
+        varlen: the flash path's :class:`VarlenKeys`, or None on the SDPA path.
     """
 
     prefix_len: int
@@ -87,28 +122,63 @@ class CallPlan:
     key_ranges: tuple[tuple[tuple[int, int], ...], ...]
     key_index: tuple[torch.Tensor | None, ...]
     masks: tuple[torch.Tensor | None, ...]
+    varlen: VarlenKeys | None
 
     @classmethod
-    def build(cls, prefix_len, lengths, starts, parents, *, dtype, device) -> CallPlan:
+    def build(
+        cls, prefix_len, lengths, starts, parents, *, varlen: bool, dtype, device, host: Sequence[np.ndarray] = ()
+    ) -> tuple[CallPlan, list[torch.Tensor]]:
+        """The plan, and the call's other integer host arrays ``host`` moved to ``device`` in the same copy."""
         bounds = tuple(itertools.accumulate(lengths, initial=0))
-        key_ranges, key_index, masks = [], [], []
-        for b, (length, start) in enumerate(zip(lengths, starts)):
-            ranges: list[tuple[int, int]] = [(0, prefix_len)] if prefix_len else []
-            for a in (*parents[b], b):
-                lo, hi = prefix_len + bounds[a], prefix_len + bounds[a + 1]
-                if ranges and ranges[-1][1] == lo:
-                    ranges[-1] = (ranges[-1][0], hi)
-                else:
-                    ranges.append((lo, hi))
-            if sum(hi - lo for lo, hi in ranges) != start + length:
-                raise AssertionError(f"segment {b}: its key ranges {ranges} do not cover positions 0..{start + length}")
-            key_ranges.append(tuple(ranges))
-            if len(ranges) == 1 and ranges[0][0] == 0:
-                key_index.append(None)
-            else:
-                key_index.append(torch.cat([torch.arange(lo, hi) for lo, hi in ranges]).to(device))
-            masks.append(None if start == 0 else _causal_mask(start, length, None, dtype, device))
-        return cls(prefix_len, bounds, tuple(starts), tuple(key_ranges), tuple(key_index), tuple(masks))
+        key_ranges = tuple(_key_ranges(prefix_len, bounds, b, parents[b], start) for b, start in enumerate(starts))
+        gathers = [np.concatenate([np.arange(lo, hi) for lo, hi in ranges]) for ranges in key_ranges]
+        if varlen:
+            key_counts = [g.size for g in gathers]
+            key_arrays = [np.concatenate(gathers), np.asarray(bounds), np.cumsum([0, *key_counts])]
+        else:
+            sliced = [len(ranges) == 1 and ranges[0][0] == 0 for ranges in key_ranges]
+            key_arrays = [g for g, is_slice in zip(gathers, sliced) if not is_slice]
+        moved = _to_device([*host, *key_arrays], device)
+        extra, keys = moved[: len(host)], moved[len(host) :]
+        none = (None,) * len(lengths)
+        if varlen:
+            index, cu_q, cu_k = keys
+            keys_plan = VarlenKeys(index, cu_q.int(), cu_k.int(), max(lengths), max(key_counts))
+            plan = cls(prefix_len, bounds, tuple(starts), key_ranges, none, none, keys_plan)
+        else:
+            indices = iter(keys)
+            key_index = tuple(None if is_slice else next(indices) for is_slice in sliced)
+            masks = tuple(
+                None if start == 0 else _causal_mask(start, length, None, dtype, device)
+                for length, start in zip(lengths, starts)
+            )
+            plan = cls(prefix_len, bounds, tuple(starts), key_ranges, key_index, masks, None)
+        return plan, extra
+
+
+def _key_ranges(prefix_len, bounds, b, parents, start) -> tuple[tuple[int, int], ...]:
+    """Segment b's keys: the prefix, then its ancestors in the call and itself, adjacent ranges merged."""
+    ranges: list[tuple[int, int]] = [(0, prefix_len)] if prefix_len else []
+    for a in (*parents, b):
+        lo, hi = prefix_len + bounds[a], prefix_len + bounds[a + 1]
+        if ranges and ranges[-1][1] == lo:
+            ranges[-1] = (ranges[-1][0], hi)
+        else:
+            ranges.append((lo, hi))
+    length = bounds[b + 1] - bounds[b]
+    if sum(hi - lo for lo, hi in ranges) != start + length:
+        raise AssertionError(f"segment {b}: its key ranges {ranges} do not cover positions 0..{start + length}")
+    return tuple(ranges)
+
+
+def _to_device(arrays: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Integer host arrays as int64 tensors on ``device`` in ONE copy: concatenated, pinned when the target is CUDA
+    (a pinned buffer is copied by DMA, asynchronously; a pageable one is staged, one blocking copy per array), and
+    split into views. torch's pinned-memory allocator keeps the buffer until the copy has run."""
+    flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]))
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    return list(flat.to(device, non_blocking=True).split([np.size(a) for a in arrays]))
 
 
 def _causal_mask(start: int, length: int, sliding_window: int | None, dtype, device) -> torch.Tensor:
@@ -170,6 +240,14 @@ def prefix_attention_forward(
         )
     if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
         raise ValueError("prefix sharing needs causal attention")
+    if plan.varlen is not None:
+        keys = plan.varlen
+        out = varlen_attention.varlen_kernel(
+            query, key.index_select(2, keys.index), value.index_select(2, keys.index),
+            keys.cu_q, keys.cu_k, keys.max_q, keys.max_k,
+            scaling=scaling, is_causal=True, sliding_window=sliding_window,
+        )  # fmt: skip
+        return out, None
     enable_gqa = query.shape[1] != key.shape[1]
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     for b, (lo, hi) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:])):
@@ -378,11 +456,11 @@ class _Walker:
     subtree (or one flattened sample) that fit in one call; subtrees larger than ``batch_tokens`` are entered
     through the cache instead."""
 
-    def __init__(self, decoder, samples, reward_rows, out, *, budget: int, batch_tokens: int):
+    def __init__(self, decoder, samples, reward_rows, out, *, budget: int, batch_tokens: int, varlen: bool):
         from transformers import DynamicCache
 
         self.decoder, self.samples, self.reward_rows, self.out = decoder, samples, reward_rows, out
-        self.budget, self.batch_tokens = budget, batch_tokens
+        self.budget, self.batch_tokens, self.varlen = budget, batch_tokens, varlen
         self.device, self.dtype = out.device, out.dtype
         # No config: every layer a full DynamicLayer. Sliding-window layers would drop keys the walk crops back to;
         # sliding windows are applied by the attention mask instead.
@@ -455,14 +533,17 @@ class _Walker:
 
     def _run(self, segments: list[_Segment], prefix: int) -> None:
         lengths = [s.ids.size for s in segments]
-        plan = CallPlan.build(
+        bounds = list(itertools.accumulate(lengths, initial=0))
+        host = [
+            np.concatenate([s.ids for s in segments]),
+            np.concatenate([np.arange(s.start, s.start + s.ids.size) for s in segments]),
+            np.asarray([b + o for s, b in zip(segments, bounds) for o in s.offsets]),  # reward rows in this call ...
+            np.asarray([r for s in segments for r in s.rows]),  # ... and where they go in the output
+        ]
+        plan, (ids, position_ids, local, rows) = CallPlan.build(
             prefix, lengths, [s.start for s in segments], [s.parents for s in segments],
-            dtype=self.dtype, device=self.device,
+            varlen=self.varlen, dtype=self.dtype, device=self.device, host=host,
         )  # fmt: skip
-        ids = torch.from_numpy(np.concatenate([s.ids for s in segments])).to(self.device)
-        position_ids = torch.from_numpy(
-            np.concatenate([np.arange(s.start, s.start + s.ids.size, dtype=np.int64) for s in segments])
-        ).to(self.device)
         self.max_cached = max(self.max_cached, self.cached)
         self.max_call = max(self.max_call, plan.bounds[-1])
         hidden = self.decoder(
@@ -475,11 +556,8 @@ class _Walker:
         self.cached = prefix + plan.bounds[-1]
         self.tokens_computed += plan.bounds[-1]
         self.forward_calls += 1
-        rows = [r for s in segments for r in s.rows]
-        if rows:
-            local = [b + o for s, b in zip(segments, plan.bounds) for o in s.offsets]
-            index = torch.tensor(local, dtype=torch.int64).to(self.device)
-            self.out[torch.tensor(rows, dtype=torch.int64).to(self.device)] = hidden.index_select(0, index)
+        if rows.numel():
+            self.out[rows] = hidden.index_select(0, local)
 
     def _crop(self, length: int) -> None:
         if self.cached > length:
@@ -494,11 +572,12 @@ def shared_step_hidden(
     max_length: int,
     batch_tokens: int,
     cache_budget_tokens: int | None = None,
+    backend: str = "auto",
 ) -> SharedRows:
     """Final-norm hidden states at every sample's reward positions, computing each shared prefix once.
 
-    Equal to ``backbone_hidden_states(model, batch)[batch.step_pos]`` of the unshared pipeline within fp32 rounding
-    (module docstring: the tree, the walk, when it applies).
+    Equal to ``backbone_hidden_states(model, batch)[batch.step_pos]`` of the unshared pipeline within rounding
+    (module docstring: the tree, the walk, attention and precision, when it applies).
 
     Args:
         model: a causal Hugging Face decoder (``model.base_model`` is used; no LM head runs), whose attention goes
@@ -510,6 +589,8 @@ def shared_step_hidden(
             one runs alone).
         cache_budget_tokens: the longest prefix kept in the KV cache between calls (default ``max_length``: every
             prefix); sharing below it is given up.
+        backend: attention, as for :func:`prmbench_fast.packing.backbone_hidden_states`: ``"auto"`` (flash varlen
+            where the unshared path runs it, one SDPA call per segment elsewhere), ``"varlen"`` or ``"sdpa"``.
 
     Returns:
         :class:`SharedRows`, samples in input order.
@@ -519,6 +600,8 @@ def shared_step_hidden(
     budget = max_length if cache_budget_tokens is None else cache_budget_tokens
     if budget < 0:
         raise ValueError(f"cache_budget_tokens must be >= 0, got {budget}")
+    if backend not in varlen_attention.BACKENDS:
+        raise ValueError(f"backend must be one of {varlen_attention.BACKENDS}, got {backend!r}")
     reason = prefix_sharing_unsupported(model)
     if reason is not None:
         raise ValueError(f"prefix sharing does not apply: {reason}; score with share_prefixes=False")
@@ -551,7 +634,13 @@ def shared_step_hidden(
                 edge.rows.append(row)
                 edge.pos.append(pos)
 
-        walker = _Walker(decoder, truncated, reward_rows, out, budget=budget, batch_tokens=batch_tokens)
+        text = decoder.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if backend == "auto":
+            backend = varlen_attention.auto_backend(param.device, param.dtype, head_dim)
+        walker = _Walker(
+            decoder, truncated, reward_rows, out, budget=budget, batch_tokens=batch_tokens, varlen=backend == "varlen"
+        )
         with attention_implementation(decoder, register()), torch.no_grad():
             walker.visit(root)
         stats = dataclasses.replace(
@@ -566,7 +655,7 @@ def shared_step_hidden(
     return SharedRows(
         hidden=out,
         step_pos=torch.arange(total_rows, dtype=torch.int64, device=param.device),
-        cu_steps=torch.from_numpy(cu_steps.astype(np.int32)).to(param.device),
+        cu_steps=_to_device([cu_steps], param.device)[0].int(),
         sample_keys=tuple(t.key for t in truncated),
         seqlens=tuple(int(t.ids.size) for t in truncated),
         num_rewards=tuple(num_rewards),

@@ -65,15 +65,17 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """What ``"auto"`` runs for attention on ``device`` in ``dtype`` with this head dim: "varlen" or "sdpa"."""
+    if device.type != "cuda":
+        return "sdpa"
+    return "varlen" if flash_varlen_supported(_capability(device), dtype, head_dim) else "sdpa"
+
+
 def _resolve_backend(backend: str, query: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if not query.is_cuda:
-        return "sdpa"
-    supported = flash_varlen_supported(_capability(query.device), query.dtype, query.shape[-1])
-    return "varlen" if supported else "sdpa"
+    return auto_backend(query.device, query.dtype, query.shape[-1]) if backend == "auto" else backend
 
 
 def _window_mask(length: int, sliding_window: int, device: torch.device) -> torch.Tensor:
@@ -115,24 +117,28 @@ def _segment_sdpa(
     return out
 
 
-def _varlen_kernel(
+def varlen_kernel(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
     *,
     scaling: float | None,
     is_causal: bool,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """Same contract as :func:`_segment_sdpa`, through ``varlen_attn`` on the packed (T, heads, dim) layout."""
+    """``varlen_attn`` on (1, heads, tokens, dim) inputs: query (1, Hq, Tq, D), key/value (1, Hkv, Tk, D) ->
+    (1, Tq, Hq, D). Segment b holds queries ``cu_seqlens_q[b]:[b+1]`` and keys ``cu_seqlens_k[b]:[b+1]``; when a
+    segment has more keys than queries, flash aligns its queries with its LAST keys (so a segment's queries may sit
+    on top of keys they share with other segments: prefix sharing uses that)."""
     if varlen_attn is None:
         raise RuntimeError("backend='varlen' needs torch.nn.attention.varlen (torch >= 2.10); use backend='sdpa'")
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.device != query.device:
-        raise ValueError(
-            f"cu_seqlens must be int32 on {query.device}, got {cu_seqlens.dtype} on {cu_seqlens.device}"
-        )
+    for cu in (cu_seqlens_q, cu_seqlens_k):
+        if cu.dtype != torch.int32 or cu.device != query.device:
+            raise ValueError(f"cu_seqlens must be int32 on {query.device}, got {cu.dtype} on {cu.device}")
     # (1, H, T, D) -> (T, H, D). The copy makes each token's heads contiguous, as flash attention's packed layout
     # expects (transformers' own flash path makes the same copy).
     q = query[0].transpose(0, 1).contiguous()
@@ -150,10 +156,10 @@ def _varlen_kernel(
         q,
         k,
         v,
-        cu_seqlens,
-        cu_seqlens,
-        max_seqlen,
-        max_seqlen,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
         scale=scaling,
         window_size=window,
         enable_gqa=q.shape[1] != k.shape[1],
@@ -216,8 +222,8 @@ def packed_attention_forward(
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if _resolve_backend(prmbench_backend, query) == "varlen":
-        out = _varlen_kernel(
-            query, key, value, cu_seq_lens_q, max_length_q,
+        out = varlen_kernel(
+            query, key, value, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q,
             scaling=scaling, is_causal=causal, sliding_window=sliding_window,
         )
     else:

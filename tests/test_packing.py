@@ -282,7 +282,7 @@ def test_auto_backend_asks_the_query_device(monkeypatch):
 
     def query(device: str, dtype=torch.bfloat16, head_dim=128):
         # _resolve_backend reads only these attributes; no CUDA tensor can exist here.
-        return types.SimpleNamespace(is_cuda=True, device=torch.device(device), dtype=dtype, shape=(1, 4, 9, head_dim))
+        return types.SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(1, 4, 9, head_dim))
 
     assert varlen_attention._resolve_backend("auto", query("cuda:1")) == "varlen"
     assert varlen_attention._resolve_backend("auto", query("cuda:0")) == "sdpa"

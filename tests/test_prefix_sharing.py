@@ -9,10 +9,14 @@ is 20x that and still far below any real error (a wrong position id or a leaked 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from flash_reference import flash_varlen_reference
+from prmbench_fast import prefix_sharing, varlen_attention
 from prmbench_fast.packing import TokenizedSample, backbone_hidden_states, pack_batches
 from prmbench_fast.prefix_sharing import (
     prefix_attention_forward,
@@ -151,3 +155,50 @@ def test_attention_needs_its_plan():
     q = torch.zeros(1, 4, 3, 8)
     with pytest.raises(ValueError, match="CallPlan"):
         prefix_attention_forward(torch.nn.Module(), q, q, q, None)
+
+
+def test_flash_path_plumbing(model, monkeypatch):
+    """The CUDA flash path cannot run here: its key gather and offsets run against a CPU stand-in of varlen_attn."""
+    monkeypatch.setattr(varlen_attention, "varlen_attn", flash_varlen_reference)
+    samples = group()
+    for batch_tokens in (1000, 16):  # one call with every segment; calls on top of cached prefixes
+        result = shared_step_hidden(model, samples, max_length=MAX_LENGTH, batch_tokens=batch_tokens, backend="varlen")
+        check_equal(model, samples, result)
+
+
+def test_bf16_rows_within_twice_the_unshared_error(model):
+    """In bf16 the shared and unshared rows round differently (a prefix's keys come from another forward call): the
+    shared rows' error against the fp32 unshared rows must be at most 2x the unshared bf16 rows' own error, and the two
+    within that too (prefix_sharing's docstring quotes the measured values)."""
+    samples = group()
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    reference, unshared = unshared_rows(model, samples), unshared_rows(bf16, samples)
+    result = shared_step_hidden(bf16, samples, max_length=MAX_LENGTH, batch_tokens=16)
+    assert result.hidden.dtype == torch.bfloat16
+    bounds = result.cu_steps.tolist()
+    shared = {key: result.hidden[bounds[b] : bounds[b + 1]] for b, key in enumerate(result.sample_keys)}
+    keys = [key for key in reference if reference[key][0].numel()]
+
+    def error(rows, key):
+        return (rows[key].float() - reference[key][0]).abs().max().item()
+
+    unshared_error = max(error({k: v[0] for k, v in unshared.items()}, key) for key in keys)
+    assert 0 < unshared_error < 0.1  # bf16's own error on hidden states of magnitude ~4: a real, small bound
+    assert max(error(shared, key) for key in keys) <= 2 * unshared_error
+    difference = max((shared[key].float() - unshared[key][0].float()).abs().max().item() for key in keys)
+    assert difference <= 2 * unshared_error
+
+
+def test_one_host_to_device_copy_per_call(model, monkeypatch):
+    copies = []
+    to_device = prefix_sharing._to_device
+
+    def counted(arrays, device):
+        copies.append(len(arrays))
+        return to_device(arrays, device)
+
+    monkeypatch.setattr(prefix_sharing, "_to_device", counted)
+    result = shared_step_hidden(model, group(), max_length=MAX_LENGTH, batch_tokens=16)
+    # One per forward call (ids, positions, reward rows and targets, key indices), one for cu_steps.
+    assert len(copies) == result.stats.forward_calls + 1
+    assert all(n >= 4 for n in copies[:-1])
