@@ -23,7 +23,7 @@ from .evaluate import Report, evaluate_steps
 from .families import Family, detect_family, family_class
 from .fingerprint import weights_fingerprint
 from .live_model import unwrap_model, whole_parameters
-from .models import check_model_folder
+from .models import check_device, check_model_folder
 from .packing import TokenizedSample, backbone_hidden_states
 from .predictions import StepPredictions, parse_results
 from .prefix_sharing import prefix_sharing_unsupported, shared_step_hidden
@@ -42,6 +42,8 @@ def _load(model: str | os.PathLike, family: str, tokenizer, dtype, device):
     import transformers
 
     path = os.fspath(check_model_folder(model, tokenizer=tokenizer is None))
+    if device is not None:
+        check_device(device)
     config = transformers.AutoConfig.from_pretrained(path)
     name = family if family != "auto" else detect_family(config, path)
     cls = family_class(name)
@@ -205,95 +207,113 @@ def score(
     rank, world = rank_and_world()
     device = next(model.parameters()).device
 
-    store = None
-    resumed = StepPredictions.empty(device)
-    finished: dict[str, Any] = {}
-    if output_dir is not None:
-        identity = {"task": task, **_run_identity(model, fam, dataset, max_length)}
-        store = _open_store(output_dir, identity, rank, world, overwrite)
-        finished = store.finished(dataset)
-        if finished:
-            resumed = parse_results(dataset, finished).predictions.to(device)
-        if cache_dir is None:
-            cache_dir = store.dir / "cache"  # a resumed run does not tokenize again
-    todo = [i for i, s in enumerate(dataset.samples) if s.id not in finished][rank::world]
-
-    share = prefix_sharing_unsupported(model) is None if share_prefixes is None else share_prefixes
-    if share:
-        units, tokens = _shared_units(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
-                                      cache_dir=cache_dir)
-    else:
-        units = packed_batches(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens, cache_dir=cache_dir)
-        tokens = sum(b.num_tokens for b in units)
-    sample_ids = [s.id for s in dataset.samples]
-    bar = _Progress(tokens, progress and rank == 0)
-    start = time.perf_counter()
-    parts: list[StepPredictions] = []  # per batch, on the device
-    tokens_computed = 0
-    dropped: list[int] = []  # rewards lost to truncation, per sample
-    try:
-        with whole_parameters(model), _inference(model):
+    # FSDP2: every rank holds whole weights for the whole call (the fingerprint and the heads read them); the run
+    # folder's lock is released however the call ends.
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(whole_parameters(model))
+        store = None
+        resumed = StepPredictions.empty(device)
+        finished: dict[str, Any] = {}
+        if output_dir is not None:
+            identity = {"task": task, **_run_identity(model, fam, dataset, max_length)}
+            store = stack.enter_context(_open_store(output_dir, identity, rank, world, overwrite))
+            finished = store.finished(dataset)
+            if finished:
+                resumed = parse_results(dataset, finished).predictions.to(device)
+            if cache_dir is None:
+                cache_dir = store.dir / "cache"  # a resumed run does not tokenize again
+        todo = [i for i, s in enumerate(dataset.samples) if s.id not in finished][rank::world]
+        share = prefix_sharing_unsupported(model) is None if share_prefixes is None else share_prefixes
+        if share:
+            units, tokens = _shared_units(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
+                                          cache_dir=cache_dir)
+        else:
+            units = packed_batches(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
+                                   cache_dir=cache_dir)
+            tokens = sum(b.num_tokens for b in units)
+        run = _Run(fam, dataset, store, tokens, progress=progress and rank == 0)
+        stack.callback(run.bar.close)  # also when a batch fails
+        with _inference(model):
             for unit in units:
-                if share:
-                    # `unit` is a list of whole problem groups; their shared prefixes are computed once.
-                    rows = shared_step_hidden(model, unit, max_length=max_length, batch_tokens=batch_tokens)
-                    meta, hidden, step_pos, cu_steps = rows, rows.hidden, rows.step_pos, rows.cu_steps
-                    tokens_computed += rows.stats.tokens_computed
-                else:
-                    meta, on_device = unit, unit.to(device)
-                    hidden = backbone_hidden_states(model, on_device)
-                    step_pos, cu_steps = on_device.step_pos, on_device.cu_steps
-                    tokens_computed += unit.num_tokens
-                dropped.extend(meta.dropped_rewards)
-                scores = fam.step_scores(model, hidden, step_pos, backend=backend)
-                labels = fam.step_labels(scores, cu_steps)
-                part = StepPredictions(
-                    sample_pos=torch.tensor(meta.sample_keys, dtype=torch.int64).to(device, non_blocking=True),
-                    cu_steps=cu_steps,
-                    validity_labels=labels["validity"],
-                    validity_scores=scores["validity"],
-                    redundancy_labels=labels.get("redundancy"),
-                    redundancy_scores=scores.get("redundancy"),
-                )
-                parts.append(part)
-                if store is not None:
-                    store.append(part.to_results(sample_ids))  # the one host copy, for the file
-                bar.update(meta.num_tokens)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    truncated_samples, rewards_lost = sum(1 for d in dropped if d), sum(dropped)
+                run.batch(model, unit, share=share, device=device, max_length=max_length, batch_tokens=batch_tokens,
+                          backend=backend)
+        run.finish()
 
-    # Every rank gathers every rank's predictions (device tensors) and evaluates them all: the same report everywhere.
-    new = gather_predictions(StepPredictions.concat(parts) if parts else StepPredictions.empty(device))
-    predictions = StepPredictions.concat([resumed, new])
-    report = evaluate_steps(dataset, predictions) if task == "prmbench" else get_task(task).evaluate(dataset, predictions)
-    report.run = {
-        "family": fam.name,
-        "model": _model_name(model),
-        "samples_scored": len(todo),
-        "samples_resumed": len(finished),
-        "tokens": tokens,
-        "tokens_computed": tokens_computed,
-        "prefix_sharing": share,
-        "seconds": seconds,
-        "tokens_per_second": tokens / seconds if seconds > 0 else None,
-        "samples_per_second": len(todo) / seconds if seconds > 0 else None,
-        "truncated_samples": truncated_samples,
-        "rewards_lost_to_truncation": rewards_lost,
-        "world_size": world,
-        "validity_threshold": fam.validity_threshold,
-        "redundancy_threshold": fam.redundancy_threshold,
-    }
-    if store is not None:
-        if rank == 0:
+        # Every rank gathers every rank's predictions (device tensors) and evaluates them all: the same report
+        # everywhere.
+        new = gather_predictions(StepPredictions.concat(run.parts) if run.parts else StepPredictions.empty(device))
+        predictions = StepPredictions.concat([resumed, new])
+        report = evaluate_steps(dataset, predictions) if task == "prmbench" else get_task(task).evaluate(dataset, predictions)
+        report.run = {
+            "family": fam.name,
+            "model": _model_name(model),
+            "samples_scored": len(todo),
+            "samples_resumed": len(finished),
+            "tokens": tokens,
+            "tokens_computed": run.tokens_computed,
+            "prefix_sharing": share,
+            "seconds": run.seconds,
+            "tokens_per_second": tokens / run.seconds if run.seconds > 0 else None,
+            "samples_per_second": len(todo) / run.seconds if run.seconds > 0 else None,
+            "truncated_samples": sum(1 for d in run.dropped if d),
+            "rewards_lost_to_truncation": sum(run.dropped),
+            "world_size": world,
+            "validity_threshold": fam.validity_threshold,
+            "redundancy_threshold": fam.redundancy_threshold,
+        }
+        if store is not None and rank == 0:
             if isinstance(report, Report):  # a run folder carries the analyses its report page draws
                 from .analysis import analyze
 
                 report.analysis = analyze(dataset, report, validity_threshold=fam.validity_threshold)
             store.write_report(report)
-        store.close()
     return report
+
+
+class _Run:
+    """The forward passes of one score() call: each batch's step predictions on the device, its result lines in the
+    run folder (the one host copy), progress and throughput figures."""
+
+    def __init__(self, fam: Family, dataset, store: ResultsStore | None, tokens: int, *, progress: bool):
+        self.fam, self.store = fam, store
+        self.sample_ids = [s.id for s in dataset.samples] if store is not None else None
+        self.parts: list[StepPredictions] = []
+        self.tokens_computed = 0
+        self.dropped: list[int] = []  # rewards lost to truncation, per sample
+        self.bar = _Progress(tokens, progress)
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+
+    def batch(self, model, unit, *, share: bool, device, max_length: int, batch_tokens: int, backend: str) -> None:
+        if share:
+            # `unit` is a list of whole problem groups; their shared prefixes are computed once.
+            rows = shared_step_hidden(model, unit, max_length=max_length, batch_tokens=batch_tokens)
+            meta, hidden, step_pos, cu_steps = rows, rows.hidden, rows.step_pos, rows.cu_steps
+            self.tokens_computed += rows.stats.tokens_computed
+        else:
+            meta, on_device = unit, unit.to(device)
+            hidden = backbone_hidden_states(model, on_device)
+            step_pos, cu_steps = on_device.step_pos, on_device.cu_steps
+            self.tokens_computed += unit.num_tokens
+        self.dropped.extend(meta.dropped_rewards)
+        scores = self.fam.step_scores(model, hidden, step_pos, backend=backend)
+        labels = self.fam.step_labels(scores, cu_steps)
+        part = StepPredictions(
+            sample_pos=torch.tensor(meta.sample_keys, dtype=torch.int64).to(device, non_blocking=True),
+            cu_steps=cu_steps,
+            validity_labels=labels["validity"],
+            validity_scores=scores["validity"],
+            redundancy_labels=labels.get("redundancy"),
+            redundancy_scores=scores.get("redundancy"),
+        )
+        self.parts.append(part)
+        if self.store is not None:
+            self.store.append(part.to_results(self.sample_ids))  # the one host copy, for the file
+        self.bar.update(meta.num_tokens)
+
+    def finish(self) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self.bar.close()
 
 
 def _run_identity(model: torch.nn.Module, fam: Family, dataset: PRMBenchDataset, max_length: int) -> dict[str, Any]:
