@@ -23,6 +23,7 @@ from .evaluate import Report, evaluate_steps
 from .families import Family, detect_family, family_class
 from .fingerprint import weights_fingerprint
 from .live_model import unwrap_model, whole_parameters
+from .io import looks_like_hub_id
 from .models import check_device, check_model_folder
 from .packing import TokenizedSample, backbone_hidden_states
 from .predictions import StepPredictions, parse_results
@@ -38,10 +39,12 @@ def _model_name(model: torch.nn.Module) -> str:
 
 
 def _load(model: str | os.PathLike, family: str, tokenizer, dtype, device):
-    """Load a checkpoint folder (offline files) with the class its family uses."""
+    """Load a checkpoint (a folder, or a hub id `owner/name`) with the class its family uses."""
     import transformers
 
-    path = os.fspath(check_model_folder(model, tokenizer=tokenizer is None))
+    path = os.fspath(model)
+    if os.path.exists(path) or not looks_like_hub_id(path):  # an `owner/name` id goes to the hub as it is
+        check_model_folder(path, tokenizer=tokenizer is None)
     if device is not None:
         check_device(device)
     config = transformers.AutoConfig.from_pretrained(path)
