@@ -69,7 +69,9 @@ def group() -> list[TokenizedSample]:
 
 def unshared_rows(model, samples) -> dict:
     rows = {}
+    device = next(model.parameters()).device
     for batch in pack_batches(samples, max_length=MAX_LENGTH, batch_tokens=1000):
+        batch = batch.to(device)
         hidden = backbone_hidden_states(model, batch)[batch.step_pos]
         bounds = batch.cu_steps.tolist()
         for b, key in enumerate(batch.sample_keys):
