@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ../shared/prmbench/prmbench_preview.jsonl
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/bench_evaluate.py --data $(DATA)
+
+# On a machine with one CUDA GPU (< 8 min): the gpu tests, kernel micro-benchmarks and score() of a random 7B-shaped
+# Qwen2 against the official-style loop; writes runs/gpu-check/gpu_check.json. Without CUDA it says so and exits 2.
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py --data $(DATA)
 
 clean:
 	rm -rf build *.egg-info prmbench_fast/_C*.so

@@ -41,8 +41,19 @@ MAX_LENGTH = 2048
 
 def official_style(model, tokenizer, dataset, family: LMJudge, batch_size: int = 2):
     """Right-padded batches of 2 in data order, full logits, rewards and labels in Python, the official evaluator."""
+    results, tokens = official_style_results(model, tokenizer, dataset, family, batch_size)
+    oracle_samples = [{"idx": s.id, "steps": list(s.steps), "error_steps": list(s.error_steps),
+                       "classification": s.classification} for s in dataset]
+    official, _ = evaluate_official(results, oracle_samples)
+    return official, tokens
+
+
+def official_style_results(model, tokenizer, dataset, family: LMJudge, batch_size: int = 2):
+    """The official loop's per-sample result dicts (rewards from full logits, labels ``> 0.5``) and its token count.
+    The batches go to the model's device, as the official adapters move theirs."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plus, minus = family.verdict_ids
+    device = next(model.parameters()).device
     results, tokens = [], 0
     samples = list(dataset)
     with torch.no_grad():
@@ -51,8 +62,8 @@ def official_style(model, tokenizer, dataset, family: LMJudge, batch_size: int =
             encoded = [family.encode(s) for s in chunk]
             ids = [e.input_ids[:MAX_LENGTH] for e in encoded]
             width = max(len(i) for i in ids)
-            input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
-            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+            input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=device)
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=device)
             logits = model(input_ids=input_ids, attention_mask=mask).logits  # (2, width, V): every token, every word
             probs = logits[..., [plus, minus]].softmax(-1)[..., 0]
             for sample, e, row in zip(chunk, encoded, probs):
@@ -62,10 +73,7 @@ def official_style(model, tokenizer, dataset, family: LMJudge, batch_size: int =
                     "step_level_validity_labels": [r > 0.5 for r in rewards],
                 }})
             tokens += sum(len(i) for i in ids)
-    oracle_samples = [{"idx": s.id, "steps": list(s.steps), "error_steps": list(s.error_steps),
-                       "classification": s.classification} for s in dataset]
-    official, _ = evaluate_official(results, oracle_samples)
-    return official, tokens
+    return results, tokens
 
 
 def backbone_only(model, family, dataset, batch_tokens):
