@@ -17,7 +17,8 @@ Which op serves which PRM family (PRMBENCH_SPEC §3, §7.3):
 
 Backends: ``"triton"`` runs the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``),
 ``"torch"`` runs the plain-torch reference below each kernel, ``"auto"`` picks Triton for CUDA tensors and torch
-otherwise. The choice is made per call from the tensors' device; importing this module touches no GPU.
+otherwise. The choice is made per call from the tensors' device; importing this module touches no GPU. A kernel runs
+on the tensors' GPU and on that GPU's current stream, whatever the current device is.
 """
 
 from __future__ import annotations
