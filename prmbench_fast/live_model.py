@@ -98,11 +98,11 @@ def whole_parameters(model: torch.nn.Module) -> Iterator[None]:
             "(a saved checkpoint folder) instead"
         ) from error
 
-    for module in modules:
-        # A layer that resharded after its forward would all-gather again at the next batch: a collective that
-        # ranks scoring different numbers of batches would not all join.
-        module.set_reshard_after_forward(False, recurse=False)
     try:
+        for module in modules:
+            # A layer that resharded after its forward would all-gather again at the next batch: a collective that
+            # ranks scoring different numbers of batches would not all join.
+            module.set_reshard_after_forward(False, recurse=False)
         for module in modules:
             module.unshard()
         yield
