@@ -1,5 +1,5 @@
 """score() on wrapped live models: FSDP2 (``fully_shard``) scores exactly like the unsharded model on 2 gloo CPU ranks
-and leaves training untouched; FSDP1 is refused with a clear error."""
+(with or without a run folder) and leaves training untouched; FSDP1 is refused with a clear error."""
 
 import json
 import os
@@ -72,6 +72,9 @@ step_weights = full_state(scored)
 after_step = score(scored, data, **OPTIONS)
 forwards_per_rank = [None, None]
 dist.all_gather_object(forwards_per_rank, len(forwards) - 1)  # the training forward is not a scoring one
+# With a run folder: its identity (the weights fingerprint) must be the whole model's on every rank, not each rank's
+# shard, or the ranks would disagree about the folder.
+in_folder = score(scored, data, output_dir=sys.argv[3], **OPTIONS)
 losses.append(train_step(scored, scored_opt, 1))
 # One sample: rank 1 runs no forward at all. FSDP2 must not keep rank 0's scoring forwards in the order it prefetches
 # by in backward, or the next backward's all-gathers no longer pair up across ranks.
@@ -91,6 +94,7 @@ result = {
     "before_training": [before_training.official, before_training.table],
     "after_step": [after_step.official, after_step.table],
     "plain_after_step": [plain_after_step.official, plain_after_step.table],
+    "in_folder": [in_folder.official, in_folder.table],
     "forwards_per_rank": forwards_per_rank,
     "losses": [losses, untouched_losses],
     "weights_equal": all(torch.equal(trained[n], p) for n, p in full_state(untouched).items()),
@@ -123,7 +127,7 @@ def test_fsdp2_on_two_gloo_ranks_scores_like_the_unsharded_model_and_leaves_trai
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)  # the pipeline on CPU uses the torch backend
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    run = subprocess.run([*torchrun, str(script), str(REPO_ROOT / "tests"), str(PRMBENCH_JSONL)],
+    run = subprocess.run([*torchrun, str(script), str(REPO_ROOT / "tests"), str(PRMBENCH_JSONL), str(tmp_path / "run")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     ranks = [json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
@@ -132,7 +136,7 @@ def test_fsdp2_on_two_gloo_ranks_scores_like_the_unsharded_model_and_leaves_trai
         # Never forwarded through its root yet, then after a training step: the sharded model's report is the
         # unsharded one's, exactly.
         assert result["before_training"] == result["single"]
-        assert result["after_step"] == result["plain_after_step"]
+        assert result["after_step"] == result["plain_after_step"] == result["in_folder"]
         assert result["after_step"] != result["single"], "the training step should change the report"
         # The ranks ran different numbers of forward passes, which FSDP2's own per-layer all-gathers could not do.
         assert len(set(result["forwards_per_rank"])) == 2
