@@ -49,7 +49,7 @@ _REWARD_NUM_WARPS = 4
 @dataclasses.dataclass(frozen=True)
 class _ProbsTiles:
     """Tiles of ``_step_vocab_lse_kernel``: BLOCK_S step rows x BLOCK_V vocabulary ids per program, the dot's K
-    dimension in BLOCK_H slices of at most ``max_block_h`` (tl.dot needs M, N and K >= 16)."""
+    dimension in BLOCK_H slices of at most ``max_block_h`` (tl.dot needs M, N and K >= 16); warps and pipeline stages."""
 
     block_s: int
     block_v: int
@@ -60,23 +60,27 @@ class _ProbsTiles:
 
 # Tiles are chosen per dot precision so that no specialisation spills registers (255 per thread at most) on sm_80 or
 # sm_90: tests/test_aot_compile.py compiles every specialisation the wrapper makes for both and reads the real numbers
-# with cuobjdump (quoted below as "measured": most at aligned model widths / most over all specialisations).
+# with cuobjdump (quoted below as "measured", median / most over those specialisations).
 # Every program holds its (BLOCK_S, BLOCK_V) fp32 logits tile in registers, and the online log-sum-exp keeps about
 # three tiles of that shape alive (the logits, their exponentials, the requested-id select). When rows are not
 # 16-byte aligned (a width that is not a multiple of 16 elements, or a column slice), the pipeline cannot copy
 # tiles straight into shared memory (cp.async) and stages them through registers too: that is where budgets break.
+# Triton keeps num_stages - 1 tiles of each operand in flight in shared memory.
 #
 # Native 16-bit dot (fp16 or bf16 on both sides): tensor cores take both operands from shared memory. 32 x 128
 # logits over 8 warps (256 threads) are 16 registers per tile, ~50 for three; the 32 x 32 and 32 x 128 operand tiles
-# are 5 KiB of shared memory per pipeline stage, 15 KiB for 3 stages (measured: 119 / 195 registers, no spills). With
-# 4 warps and 64-wide H slices (the first choice) unaligned rows spilled ~1 KB per thread.
+# are (1,024 + 4,096) x 2 B = 10 KiB per stage, 20 KiB for two in flight (measured: 117 / 195 registers, 20,480 B
+# of shared memory on sm_80). The first choice, 4 warps and 64-wide H slices, spilled ~1 KB per thread on
+# unaligned rows.
 _PROBS_TILES_NATIVE = _ProbsTiles(block_s=32, block_v=128, max_block_h=32, num_warps=8, num_stages=3)
 # fp32 dot (fp32 inputs, or two different dtypes): "ieee" precision runs on the FMA units, which take BOTH operand
-# tiles from registers as well, and mixed dtypes convert one of them there. With the native tiles at 4 warps this
+# tiles from registers as well, and mixed dtypes convert one of them there; with the native tiles at 4 warps this
 # reached 255 registers and 8-40 bytes of spills. 16 x 64 logits over 256 threads are 4 registers per tile; the 16 x
-# 32 and 32 x 64 operands 10 more as fp32 (measured: 128 / 182 registers, no spills). 16 rows per program read the
-# LM head ceil(S / 16) times, but the row blocks of one vocabulary split run side by side and share it through L2.
-_PROBS_TILES_FP32 = _ProbsTiles(block_s=16, block_v=64, max_block_h=32, num_warps=8, num_stages=3)
+# 32 and 32 x 64 operands 10 more as fp32, (512 + 2,048) x 4 B = 10 KiB per stage. One stage in flight: with two,
+# ptxas squeezed two fp16 x bf16 launches into 64 registers on sm_90 and spilled 8 bytes (measured: 80 / 128
+# registers, at most 15,360 B of shared memory). 16 rows per program read the LM head ceil(S / 16) times, but the row
+# blocks of one vocabulary split run side by side and share it through L2.
+_PROBS_TILES_FP32 = _ProbsTiles(block_s=16, block_v=64, max_block_h=32, num_warps=8, num_stages=2)
 _PROBS_MIN_BLOCK = 16
 # With few steps there are few row blocks, so the vocabulary is split across programs (flash-decoding style) and the
 # per-split log-sum-exps are merged afterwards. ~8 resident programs per SM on a 132-SM GPU is ~1024 programs.
