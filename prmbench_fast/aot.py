@@ -259,7 +259,8 @@ def _step_token_probs_call(shape, hidden_dtype, weight_dtype, has_bias, num_ids)
         vocab = 1000  # not a multiple of any BLOCK_V; the split size always is
         weight = torch.zeros(vocab, hidden.shape[1], dtype=weight_dtype)
         bias = torch.zeros(vocab, dtype=weight_dtype) if has_bias else None
-        step_reward.step_token_probs(hidden, step_pos, weight, list(range(num_ids)), lm_head_bias=bias, backend="triton")
+        ids = list(range(num_ids))
+        step_reward.step_token_probs(hidden, step_pos, weight, ids, lm_head_bias=bias, backend="triton")
 
     return call
 
