@@ -25,7 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not aot_full"
 
 # The main job: the embedded default PRM (SmolLM2-135M-Instruct as an LLM judge, from a PyPI wheel) on a stratified
 # subset of PRMBench (4 problems per class, their variants in every class, and the clean partners).

@@ -5,9 +5,9 @@ TRITON_INTERPRET must then be set before any ``@triton.jit`` decorator runs, i.e
 With CUDA it stays unset, so the kernels compile for the GPU and the ``gpu`` tests (tests/test_gpu.py) run them there;
 tests that need the interpreter skip themselves. ``torch.cuda.is_available()`` initialises no CUDA context.
 
-Markers (registered in pyproject.toml): ``gpu`` tests are always collected and skipped without CUDA; ``aot_full``
-tests (the full ahead-of-time compile sweep, minutes) run only when ``-m`` names the marker, e.g.
-``pytest -m aot_full``.
+Markers (registered in pyproject.toml): ``gpu`` tests are always collected and skipped without CUDA; ``slow`` and
+``aot_full`` (the full ahead-of-time compile sweep, minutes) run in the whole suite (``make test``, CI) and are left
+out by ``make test-fast``.
 """
 
 import os
@@ -46,11 +46,7 @@ def subset400_jsonl() -> pathlib.Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    markexpr = config.getoption("-m") or ""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
-    skip_full = pytest.mark.skip(reason="the full AOT sweep runs only when selected: pytest -m aot_full")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-        if "aot_full" in item.keywords and "aot_full" not in markexpr:
-            item.add_marker(skip_full)
