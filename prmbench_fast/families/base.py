@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -151,14 +152,41 @@ class Family(abc.ABC):
         return self._cache_key
 
     def _fingerprint(self) -> str:
-        tok = self.tokenizer
         fingerprint = {
             "family": self.name,
             "options": {k: repr(v) for k, v in sorted(self.options.items())},
-            "tokenizer": type(tok).__name__,
-            # The whole vocabulary, not its size: a retrained tokenizer of the same size maps text differently.
-            "vocab": sorted(tok.get_vocab().items()),
-            "specials": repr(getattr(tok, "all_special_tokens", [])),
-            "chat_template": getattr(tok, "chat_template", None) or "",
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
         }
         return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: tokenizer -> (its state when hashed, its hash): every score() call builds a family, and hashing a 150k vocabulary
+#: costs ~0.1 s, a few percent of a repeated in-training call.
+_TOKENIZER_HASHES: "weakref.WeakKeyDictionary[Any, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """A hash of what maps text to token ids: the tokenizer's class, whole vocabulary, special tokens and chat template.
+
+    Cached per tokenizer object, and recomputed when its size, special tokens or chat template changed (added tokens
+    change the size)."""
+    state = (len(tok), repr(getattr(tok, "all_special_tokens", [])), getattr(tok, "chat_template", None) or "")
+    try:
+        cached = _TOKENIZER_HASHES.get(tok)
+    except TypeError:  # not weak-referenceable: hash every time
+        cached = None
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    fingerprint = {
+        "tokenizer": type(tok).__name__,
+        # The whole vocabulary, not its size: a retrained tokenizer of the same size maps text differently.
+        "vocab": sorted(tok.get_vocab().items()),
+        "specials": state[1],
+        "chat_template": state[2],
+    }
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    try:
+        _TOKENIZER_HASHES[tok] = (state, digest)
+    except TypeError:
+        pass
+    return digest
