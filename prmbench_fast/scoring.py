@@ -136,9 +136,9 @@ def score(
 
     Args:
         model: a checkpoint folder (loaded offline with the family's model class), or a live ``nn.Module`` — e.g. the
-            policy/PRM in the middle of training. A live model is used as it is (its device and dtype; DDP/FSDP-style
-            wrappers are unwrapped), run in eval mode under ``torch.inference_mode`` and put back in its previous
-            mode; its weights are never copied or reloaded.
+            policy/PRM in the middle of training. A live model is used as it is (its device and dtype; DDP-style
+            wrappers are unwrapped, FSDP2 parameters all-gathered for the call, FSDP1 refused), run in eval mode
+            under ``torch.inference_mode`` and put back in its previous mode; its weights are never copied or reloaded.
         dataset: the evaluation set (default: ``load_prmbench(task=task)``; pass a subset for quick checks).
         tokenizer: the model's tokenizer (default: loaded from the checkpoint folder).
         family: a name from ``prmbench_fast.families.FAMILY_NAMES``, or "auto" (from the model's config and name), or
