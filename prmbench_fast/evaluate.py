@@ -296,18 +296,19 @@ def _sample_ids(dataset: PRMBenchDataset) -> np.ndarray:
 
 
 class _Host:
-    """The per-prediction figures the official aggregation needs, copied to the host in one transfer."""
+    """The per-prediction figures the official aggregation needs, as numpy arrays: views of CPU tensors, or one
+    device-to-host transfer for device tensors."""
 
     def __init__(self, pos, kept, valid, class_of, sample_counts, step_counts, class_counts):
-        columns = torch.stack([pos, kept.long(), valid.long(), class_of, step_counts], dim=1)
-        packed = torch.cat([columns, sample_counts], dim=1)
-        flat = torch.cat([packed.reshape(-1), class_counts.reshape(-1)]).cpu().numpy()
-        per_row = packed.shape[1]
-        rows = flat[: packed.numel()].reshape(-1, per_row)
-        self.pos, self.class_of, self.step_counts = rows[:, 0], rows[:, 3], rows[:, 4]
-        self.kept, self.valid = rows[:, 1].astype(bool), rows[:, 2].astype(bool)
-        self.sample_counts = np.ascontiguousarray(rows[:, 5:])
-        self.class_counts = flat[packed.numel():].reshape(class_counts.shape)
+        tensors = (pos, kept, valid, class_of, sample_counts, step_counts, class_counts)
+        if pos.device.type == "cpu":
+            arrays = [t.numpy() for t in tensors]
+        else:
+            flat = torch.cat([t.reshape(-1).long() for t in tensors]).cpu().numpy()
+            ends = np.cumsum([t.numel() for t in tensors])
+            arrays = [piece.reshape(t.shape) for piece, t in zip(np.split(flat, ends[:-1]), tensors)]
+        self.pos, kept, valid, self.class_of, self.sample_counts, self.step_counts, self.class_counts = arrays
+        self.kept, self.valid = kept.astype(bool), valid.astype(bool)
 
 
 def _official_result(dataset, scored_positions, class_counts, counts, n_labels, *, num_correct_valid, total_num, valid_num):

@@ -405,21 +405,22 @@ def _redundancy_sample(sample_id: str, fields: Mapping, threshold: float, redund
     """
     red_labels = fields.get(REDUNDANCY_LABELS)
     red_scores = fields.get(REDUNDANCY_SCORES)
+    validity = fields.get(VALIDITY_LABELS)
+    validity_scores = fields.get(VALIDITY_SCORES)
     if red_labels is None:
         _check_list(sample_id, REDUNDANCY_SCORES, red_scores)
         red_labels = [_number(sample_id, REDUNDANCY_SCORES, i, v) > threshold for i, v in enumerate(red_scores)]
-    else:
+    elif type(red_labels) is not list:
         _check_list(sample_id, REDUNDANCY_LABELS, red_labels)
-    if red_scores is not None:
+    if red_scores is not None and (type(red_scores) is not list or len(red_scores) != len(red_labels)):
         _check_list(sample_id, REDUNDANCY_SCORES, red_scores)
-        if len(red_scores) != len(red_labels):
-            red_scores = None
-    redundancy[index] = (list(red_labels), None if red_scores is None else list(red_scores))
+        red_scores = None
+    redundancy[index] = (red_labels, red_scores)
     n = len(red_labels)
-    validity = fields.get(VALIDITY_LABELS)
+    if type(validity) is list and len(validity) == n:  # the usual case: one validity label per redundancy label
+        return validity, validity_scores if type(validity_scores) is list and len(validity_scores) == n else None
     validity = list(validity[:n]) if isinstance(validity, (list, tuple)) else []
     validity += [False] * (n - len(validity))
-    validity_scores = fields.get(VALIDITY_SCORES)
     if isinstance(validity_scores, (list, tuple)) and len(validity_scores) >= n:
         validity_scores = list(validity_scores[:n])
     else:
@@ -446,8 +447,9 @@ def _flat(dataset, kept, offsets, labels, scores, invalid, redundancy) -> StepPr
         valid = torch.ones(len(kept), dtype=torch.bool)
         valid[invalid] = False
     return StepPredictions(
-        sample_pos=torch.tensor(kept, dtype=torch.int64),
-        cu_steps=torch.tensor(offsets, dtype=torch.int32),
+        # np.array is ~3x faster than torch.tensor at turning a list of Python ints into an array.
+        sample_pos=torch.from_numpy(np.array(kept, dtype=np.int64)),
+        cu_steps=torch.from_numpy(np.array(offsets, dtype=np.int32)),
         validity_labels=torch.from_numpy(_labels_array(labels, VALIDITY_LABELS, spans)),
         validity_scores=validity_scores,
         redundancy_labels=redundancy_labels,
