@@ -19,7 +19,7 @@ import functools
 import os
 import pathlib
 from collections import Counter
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -92,15 +92,17 @@ class LoadDiagnostics:
         }
 
 
-class PRMBenchDataset(Sequence[Sample]):
-    """The evaluation set: samples in the official order, indexable by position and by sample id."""
+SampleT = TypeVar("SampleT")
 
-    def __init__(self, samples: Iterable[Sample], diagnostics: LoadDiagnostics | None = None):
-        self.samples: list[Sample] = list(samples)
-        self.by_id: dict[str, Sample] = {s.id: s for s in self.samples}
+
+class SampleSet(Sequence[SampleT]):
+    """Samples (objects with a unique ``id``) in order, indexable by position and by sample id."""
+
+    def __init__(self, samples: Iterable[SampleT]):
+        self.samples: list[SampleT] = list(samples)
+        self.by_id: dict[str, SampleT] = {s.id: s for s in self.samples}
         if len(self.by_id) != len(self.samples):
             raise ValueError("sample ids must be unique")
-        self.diagnostics = diagnostics or LoadDiagnostics()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -108,7 +110,7 @@ class PRMBenchDataset(Sequence[Sample]):
     def __getitem__(self, index):  # type: ignore[override]
         return self.samples[index]
 
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Iterator[SampleT]:
         return iter(self.samples)
 
     def __contains__(self, sample_id: object) -> bool:
@@ -116,8 +118,16 @@ class PRMBenchDataset(Sequence[Sample]):
 
     @functools.cached_property
     def position(self) -> dict[str, int]:
-        """Sample id -> its position in the dataset."""
+        """Sample id -> its position in the set."""
         return {s.id: i for i, s in enumerate(self.samples)}
+
+
+class PRMBenchDataset(SampleSet[Sample]):
+    """The evaluation set: samples in the official order, indexable by position and by sample id."""
+
+    def __init__(self, samples: Iterable[Sample], diagnostics: LoadDiagnostics | None = None):
+        super().__init__(samples)
+        self.diagnostics = diagnostics or LoadDiagnostics()
 
     @functools.cached_property
     def arrays(self) -> "DatasetArrays":

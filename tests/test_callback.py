@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import DataCollatorForTokenClassification, Trainer, TrainerCallback, TrainingArguments
 
 import prmbench_fast

@@ -36,9 +36,9 @@ import os
 import pathlib
 import random
 import re
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
-from ..data import PRMBenchDataError
+from ..data import PRMBenchDataError, SampleSet
 from ..evaluate import PredictionError
 
 VALIDITY_SCORES = "step_level_validity_scores"
@@ -64,31 +64,12 @@ class BoNSample:
     label: Any
 
 
-class BoNDataset(Sequence[BoNSample]):
+class BoNDataset(SampleSet[BoNSample]):
     """The BoN evaluation set: every response of every question, in data order."""
 
     def __init__(self, samples: Iterable[BoNSample], diagnostics: dict[str, Any] | None = None):
-        self.samples: list[BoNSample] = list(samples)
-        self.by_id = {s.id: s for s in self.samples}
-        if len(self.by_id) != len(self.samples):
-            raise ValueError("sample ids must be unique")
+        super().__init__(samples)
         self.diagnostics = diagnostics or {}
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self.samples[index]
-
-    def __iter__(self) -> Iterator[BoNSample]:
-        return iter(self.samples)
-
-    def __contains__(self, sample_id: object) -> bool:
-        return sample_id in self.by_id
-
-    @functools.cached_property
-    def position(self) -> dict[str, int]:
-        return {s.id: i for i, s in enumerate(self.samples)}
 
     @functools.cached_property
     def questions(self) -> dict[str, list[BoNSample]]:
