@@ -1,11 +1,13 @@
 """prmbench_fast: fast, exact PRMBench evaluation of process reward models.
 
 Public API:
-    load_prmbench(source=None, *, classes=None, limit_per_class=None) -> PRMBenchDataset
-    evaluate(dataset, predictions, *, validity_threshold=0.5, redundancy_threshold=0.15, backend="auto") -> Report
+    load_prmbench(source=None, *, classes=None, limit_per_class=None, task="prmbench") -> PRMBenchDataset
+    evaluate(dataset, predictions, *, validity_threshold=0.5, redundancy_threshold=0.15, backend="auto",
+             task="prmbench") -> Report
     evaluate_steps(dataset, step_predictions, *, backend="auto") -> Report   (the flat predictions layout)
     PRMBenchMetric(dataset, ...): update(sample_pos, step_scores, cu_steps, ...) / compute() / reset()
-    score(model, dataset=None, *, tokenizer=None, family="auto", max_length=2048, ...) -> Report
+    score(model, dataset=None, *, tokenizer=None, family="auto", max_length=2048, task="prmbench", ...) -> Report
+    PRMBenchCallback(dataset, *, tokenizer, trainer, family="auto", every_n_steps=None, ...)  (transformers Trainer)
     step_rewards(hidden, step_pos, weight, bias=None, *, activation="softmax", backend="auto") -> (S, C) float32
     step_token_probs(hidden, step_pos, lm_head_weight, token_ids, *, lm_head_bias=None, backend="auto") -> (S, K)
 
