@@ -330,9 +330,9 @@ def _official_result(dataset, scored_positions, class_counts, counts, n_labels, 
     paired = ~np.isnan(partner) & (partner != 0) & (response_acc[others] != -1)
     similarity_values = np.abs(response_acc[others] - partner)
     other_class = class_of[others]
-    # Python's sequential sum over lists in processing order, as the official mean is taken.
-    similarity = {c: similarity_values[paired & (other_class == CLASS_ID[c])].tolist() for c in classes_present}
-    total_similarity = similarity_values[paired].tolist()
+    # Summed in processing order, as the official mean is taken (metrics.mean).
+    similarity = {c: similarity_values[paired & (other_class == CLASS_ID[c])] for c in classes_present}
+    total_similarity = similarity_values[paired]
 
     table = class_counts.tolist()
     num_classes = len(ALL_CLASSES)

@@ -8,7 +8,9 @@ clamped class scores).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
+
+import numpy as np
 
 from .classes import CLASS_ABBREVIATIONS, DOMAINS
 
@@ -23,9 +25,14 @@ def ratio(numerator, denominator):
     return numerator / denominator if denominator != 0 else -1
 
 
-def mean(values: Sequence[float]):
-    """Mean as the official code takes it: ``sum(list) / len(list)`` (sequential sum), -1 when empty."""
-    return sum(values) / len(values) if len(values) > 0 else -1
+def mean(values: np.ndarray):
+    """Mean as the official code takes it: ``sum(list) / len(list)``, -1 when empty.
+
+    The official sum adds the floats one after the other, left to right (Python's ``sum`` up to 3.11; 3.12 compensates
+    the rounding). ``np.cumsum`` adds in that order too, so its last value is that sum to the bit, whatever this
+    Python's ``sum`` does; ``np.sum`` would add pairwise.
+    """
+    return float(np.cumsum(values)[-1]) / len(values) if len(values) > 0 else -1
 
 
 def f1_metrics(tp: int, fp: int, tn: int, fn: int) -> dict[str, float]:
