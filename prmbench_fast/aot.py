@@ -121,17 +121,20 @@ def record_launches(kernels=KERNELS, target: GPUTarget = TARGETS[90]) -> Iterato
 
         return run
 
-    interpret, interpreted = triton.knobs.runtime.interpret, step_reward._interpreted
-    triton.knobs.runtime.interpret = True
-    step_reward._interpreted = lambda tensor: False
-    for kernel in kernels:
-        kernel.run = recorder(kernel)  # an instance attribute shadows the class's run
-    try:
-        yield launches
-    finally:
+    interpreted = step_reward._interpreted
+    # scope() restores the knob and the TRITON_INTERPRET it writes into os.environ: assigning the old value back
+    # would pin the knob, and later code would no longer follow the environment variable.
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = True
+        step_reward._interpreted = lambda tensor: False
         for kernel in kernels:
-            del kernel.run
-        triton.knobs.runtime.interpret, step_reward._interpreted = interpret, interpreted
+            kernel.run = recorder(kernel)  # an instance attribute shadows the class's run
+        try:
+            yield launches
+        finally:
+            for kernel in kernels:
+                del kernel.run
+            step_reward._interpreted = interpreted
 
 
 def distinct(launches: list[Launch]) -> list[Launch]:
