@@ -154,7 +154,8 @@ def test_output_dir_keeps_one_fresh_folder_per_step_and_skips_absent_columns(tmp
         assert absent and not {PREFIX + column for column in absent} & set(values)
 
 
-# Runs under torchrun with 2 ranks (DDP on gloo, through the Trainer); prints one RESULT line per rank.
+# Runs under torchrun with 2 ranks (DDP on gloo, through the Trainer); each rank writes its result to its own file
+# (the ranks share one stdout, where their lines can interleave).
 DDP_CHILD = r"""
 import json, pathlib, sys
 sys.path.insert(0, sys.argv[1])
@@ -169,8 +170,9 @@ trainer, recorder, mode = train(pathlib.Path(sys.argv[3]), model, tokenizer, dat
                                 every_n_steps=2)
 final = score(model, data, tokenizer=tokenizer, progress=False, **SCORE_OPTIONS)  # every rank: it is collective
 history = prmbench_logs((entry["step"], entry) for entry in trainer.state.log_history)
-print("RESULT " + json.dumps({"rank": trainer.args.process_index, "world": trainer.args.world_size,
-                              "history": history, "final": logged(final.table)}), flush=True)
+rank = trainer.args.process_index
+(pathlib.Path(sys.argv[3]) / f"result.rank{rank}.json").write_text(json.dumps(
+    {"rank": rank, "world": trainer.args.world_size, "history": history, "final": logged(final.table)}))
 """
 
 
@@ -183,8 +185,7 @@ def test_under_ddp_every_rank_scores_and_rank_zero_logs(tmp_path):
     run = subprocess.run([*torchrun, str(script), str(REPO_ROOT / "tests"), str(PRMBENCH_JSONL), str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    ranks = sorted((json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines()
-                    if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    ranks = [json.loads((tmp_path / f"result.rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
     # Both ranks scored (score() gathers across ranks: one skipping it would hang the other); only rank 0 logged.
     assert [step for step, _ in ranks[0]["history"]] == [2, 4] and ranks[1]["history"] == []
