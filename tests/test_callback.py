@@ -158,6 +158,7 @@ def test_output_dir_keeps_one_fresh_folder_per_step_and_skips_absent_columns(tmp
 # (the ranks share one stdout, where their lines can interleave).
 DDP_CHILD = r"""
 import json, pathlib, sys
+import torch
 sys.path.insert(0, sys.argv[1])
 from prmbench_fast import load_prmbench, score
 from test_callback import SCORE_OPTIONS, logged, make_tokenizer, prmbench_logs, train
@@ -173,6 +174,8 @@ history = prmbench_logs((entry["step"], entry) for entry in trainer.state.log_hi
 rank = trainer.args.process_index
 (pathlib.Path(sys.argv[3]) / f"result.rank{rank}.json").write_text(json.dumps(
     {"rank": rank, "world": trainer.args.world_size, "history": history, "final": logged(final.table)}))
+torch.distributed.barrier()  # both results are written before either rank tears the group down
+torch.distributed.destroy_process_group()  # a rank leaving with the group open can abort the other (gloo)
 """
 
 
