@@ -342,5 +342,18 @@ def _warning_printer(default):
     return show
 
 
+def entry() -> None:
+    """The ``prmbench-fast`` command: :func:`main`, then exit with its status.
+
+    After Ctrl-C the process ends at once with ``os._exit``: every finished result is already fsync'ed, and the
+    interpreter's normal shutdown could otherwise wait on requests still in flight (critic worker threads)."""
+    status = main()
+    if status == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
