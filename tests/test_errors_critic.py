@@ -132,7 +132,10 @@ def test_ctrl_c_stops_at_once_keeps_what_finished_and_resumes(tmp_path, serve):
     server = serve(script)
     out = tmp_path / "out"
     command, env = cli(tmp_path, server, "--output-dir", str(out), "--concurrency", "4")
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As at a terminal: a test runner started in the background (e.g. `cmd &` in a script) ignores SIGINT, children
+    # inherit that, and Python then keeps ignoring Ctrl-C. The child gets the default disposition back.
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     results = out / "results.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and not (results.exists() and len(results.read_text().splitlines()) == 2):
