@@ -3,8 +3,9 @@
 (a) The counting op alone on flat tensors: compiled CPU op, its torch reference, and a plain per-step Python loop
     with the same semantics.
 (b) End to end, per prediction set, side by side in one run: the official evaluator's Python loop (an independent
-    transcription in tests/official_oracle.py), evaluate() from official result dicts, evaluate() on the flat
-    predictions layout (StepPredictions, what score() and PRMBenchMetric hand it), and PRMBenchMetric fed in batches.
+    transcription, prmbench_fast/testing/official_oracle.py), evaluate() from official result dicts, evaluate() on
+    the flat predictions layout (StepPredictions, what score() and PRMBenchMetric hand it), and PRMBenchMetric fed
+    in batches.
     The prediction sets are the kinds real runs produce:
       labels          validity labels only, one per step (the easy case)
       scores+labels   scores and labels, 1 in 5 samples with one label fewer or one more than its steps
@@ -28,11 +29,10 @@ import time
 import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common import environment_line  # noqa: E402
-from official_oracle import evaluate_official, score_one_sample  # noqa: E402
+from prmbench_fast.testing.official_oracle import evaluate_official, score_one_sample  # noqa: E402
 
 from prmbench_fast import PRMBenchMetric, evaluate, load_prmbench  # noqa: E402
 from prmbench_fast.classes import CLASS_ID  # noqa: E402

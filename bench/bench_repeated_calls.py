@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from bench_score import backbone_only, tiny_model, timed  # noqa: E402  (also puts tests/ on sys.path)
+from bench_score import backbone_only, tiny_model, timed  # noqa: E402
 from common import environment_line  # noqa: E402
 
 from prmbench_fast import load_prmbench, score  # noqa: E402

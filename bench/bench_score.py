@@ -22,12 +22,11 @@ import time
 import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common import environment_line  # noqa: E402
-from official_oracle import evaluate_official  # noqa: E402
-from tiny_models import tiny_llama, train_tokenizer  # noqa: E402
+from prmbench_fast.testing.official_oracle import evaluate_official  # noqa: E402
+from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer  # noqa: E402
 
 from prmbench_fast import load_prmbench  # noqa: E402
 from prmbench_fast.families.lm_judge import LMJudge  # noqa: E402

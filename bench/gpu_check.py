@@ -271,8 +271,7 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False); nothing was checked")
         return 2
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny_models import train_tokenizer
+    from prmbench_fast.testing.tiny_models import train_tokenizer
 
     result = {"environment": environment(), "gpu_tests": run_gpu_tests()}
     result["kernels"] = bench_step_kernels() + bench_counting_op()

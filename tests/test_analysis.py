@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from official_oracle import evaluate_official
+from prmbench_fast.testing.official_oracle import evaluate_official
 from prmbench_fast import evaluate, load_prmbench
 from prmbench_fast.analysis import _tables_from_counts, analyze
 from prmbench_fast.classes import ALL_CLASSES, ERROR_CLASSES

@@ -12,7 +12,7 @@ from transformers import DataCollatorForTokenClassification, Trainer, TrainerCal
 import prmbench_fast
 from conftest import PRMBENCH_JSONL, REPO_ROOT
 from prmbench_fast import load_prmbench, score
-from tiny_models import tiny_llama, train_tokenizer
+from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
 
 PREFIX = "prmbench/"
 SCORE_OPTIONS = dict(family="generic", max_length=512)
@@ -162,7 +162,7 @@ import torch
 sys.path.insert(0, sys.argv[1])
 from prmbench_fast import load_prmbench, score
 from test_callback import SCORE_OPTIONS, logged, make_tokenizer, prmbench_logs, train
-from tiny_models import tiny_llama
+from prmbench_fast.testing.tiny_models import tiny_llama
 
 data = load_prmbench(sys.argv[2], limit_per_class=1)
 tokenizer = make_tokenizer(data)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from official_oracle import build_eval_set
+from prmbench_fast.testing.official_oracle import build_eval_set
 from prmbench_fast import PRMBenchDataError, load_prmbench
 from prmbench_fast.classes import ERROR_CLASSES
 

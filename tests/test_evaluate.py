@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from official_oracle import evaluate_official
+from prmbench_fast.testing.official_oracle import evaluate_official
 from prmbench_fast import PredictionError, evaluate, load_prmbench
 from prmbench_fast.data import PRMBenchDataset, Sample
 from prmbench_fast.metrics import leaderboard_table

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prmbench_fast.families import Family, FamilyError, family_class
-from tiny_models import train_tokenizer
+from prmbench_fast.testing.tiny_models import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_redundancy_threshold_applies_to_families_with_redundancy_scores_only(to
 def test_score_command_records_the_thresholds_in_the_run(tmp_path, prmbench_jsonl, capsys):
     from prmbench_fast import load_prmbench
     from prmbench_fast.cli import main
-    from tiny_models import tiny_llama
+    from prmbench_fast.testing.tiny_models import tiny_llama
 
     data = load_prmbench(prmbench_jsonl, limit_per_class=1)
     # " +" and " -" must be single tokens for lm_judge: the corpus repeats them so the BPE learns them.

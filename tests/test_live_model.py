@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from prmbench_fast import load_prmbench, score
-from tiny_models import tiny_llama, train_tokenizer
+from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
 
 data = load_prmbench(sys.argv[2], limit_per_class=3)
 tokenizer = train_tokenizer([s.question for s in data] + [t for s in data for t in s.steps])

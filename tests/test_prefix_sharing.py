@@ -24,7 +24,7 @@ from prmbench_fast.prefix_sharing import (
     prefix_tree_tokens,
     shared_step_hidden,
 )
-from tiny_models import tiny_llama
+from prmbench_fast.testing.tiny_models import tiny_llama
 
 MAX_LENGTH = 35
 VOCAB = 100

@@ -20,7 +20,7 @@ from prmbench_fast.data import PRMBenchDataset, Sample
 from prmbench_fast.fingerprint import SAMPLE_WORDS, weights_fingerprint
 from prmbench_fast.io import FileWarning, write_text_atomic
 from prmbench_fast.results_store import ResultsStore, RunLockedError, RunMismatchError
-from tiny_models import tiny_llama, train_tokenizer
+from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
 
 # ------------------------------------------------------------------------------------------------ fingerprint
 
@@ -315,7 +315,7 @@ CHILD = r"""
 import sys
 sys.path.insert(0, {tests!r})
 from prmbench_fast import load_prmbench, score
-from tiny_models import tiny_llama, train_tokenizer
+from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
 
 data = load_prmbench({data!r}, limit_per_class=2)
 tokenizer = train_tokenizer([s.question for s in data] + [t for s in data for t in s.steps])

@@ -15,7 +15,7 @@ from conftest import PRMBENCH_JSONL, REPO_ROOT
 from prmbench_fast import evaluate, load_prmbench
 from prmbench_fast.families import FamilyError
 from prmbench_fast import score
-from tiny_models import tiny_llama, train_tokenizer
+from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
 
 MAX_LENGTH = 384  # small enough that some PRMBench samples get truncated with the tiny tokenizer
 
@@ -223,7 +223,7 @@ sys.path.insert(0, {tests!r})
 import torch
 from prmbench_fast import load_prmbench
 from prmbench_fast import score
-from tiny_models import tiny_llama, train_tokenizer
+from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
 
 data = load_prmbench({data!r}, limit_per_class={limit})
 tokenizer = train_tokenizer([s.question for s in data] + [t for s in data for t in s.steps])

@@ -315,7 +315,7 @@ def test_bad_prediction_values_are_named(tmp_path):
 def test_score_command_scores_bon_responses_with_a_prm_family(tmp_path, capsys):
     from prmbench_fast.cli import main
     from prmbench_fast.io import read_predictions
-    from tiny_models import tiny_llama, train_tokenizer
+    from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
 
     rows = synthetic_rows(3, questions=6)
     data = write_jsonl(tmp_path / "bon.jsonl", rows)

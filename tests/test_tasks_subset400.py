@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from official_oracle import build_eval_set, evaluate_official
+from prmbench_fast.testing.official_oracle import build_eval_set, evaluate_official
 from prmbench_fast import evaluate, load_prmbench
 from prmbench_fast.tasks import get_task
 from prmbench_fast.tasks.subset400 import subset_rows

@@ -224,7 +224,7 @@ def evaluate_expected(prmbench_jsonl, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_model_folder(prmbench_jsonl, tmp_path_factory):
     from prmbench_fast import load_prmbench
-    from tiny_models import tiny_llama, train_tokenizer
+    from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
 
     subset = load_prmbench(prmbench_jsonl, limit_per_class=1)
     tokenizer = train_tokenizer([s.question for s in subset] + [step for s in subset for step in s.steps])
