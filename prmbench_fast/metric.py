@@ -15,9 +15,8 @@ import torch
 from .data import PRMBenchDataset
 from .distributed import gather_predictions
 from .evaluate import Report, evaluate_steps
-from .predictions import StepPredictions
+from .predictions import FLOAT_DTYPES, StepPredictions, expect_tensor
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTEGERS = (torch.int32, torch.int64)
 
 
@@ -83,27 +82,22 @@ class PRMBenchMetric:
         """
         if step_scores is None and step_labels is None:
             raise ValueError("update() needs step_scores or step_labels")
+        # The scores (else the labels) set the step count S and the device every other tensor must match.
+        reference_name = "step_scores" if step_scores is not None else "step_labels"
         reference = step_scores if step_scores is not None else step_labels
-        _check_tensor("sample_pos", sample_pos, 1, _INTEGERS, reference.device)
-        _check_tensor("cu_steps", cu_steps, 1, _INTEGERS, reference.device)
+        expect_tensor(reference_name, reference, (None,), FLOAT_DTYPES if step_scores is not None else (torch.bool,))
+        device, num_steps = reference.device, reference.shape[0]
+        expect_tensor("sample_pos", sample_pos, (None,), _INTEGERS, device)
         num_samples = sample_pos.shape[0]
-        if cu_steps.shape[0] != num_samples + 1:
-            raise ValueError(f"cu_steps: expected shape ({num_samples + 1},) for {num_samples} samples, got {tuple(cu_steps.shape)}")
-        num_steps = reference.shape[0] if reference.dim() == 1 else -1
-        for name, tensor, dtypes in (
-            ("step_scores", step_scores, _FLOATS),
-            ("step_labels", step_labels, (torch.bool,)),
-            ("redundancy_scores", redundancy_scores, _FLOATS),
-            ("redundancy_labels", redundancy_labels, (torch.bool,)),
+        expect_tensor("cu_steps", cu_steps, (num_samples + 1,), _INTEGERS, device)
+        for name, tensor, shape, dtypes in (
+            ("step_labels", step_labels, (num_steps,), (torch.bool,)),
+            ("redundancy_scores", redundancy_scores, (num_steps,), FLOAT_DTYPES),
+            ("redundancy_labels", redundancy_labels, (num_steps,), (torch.bool,)),
+            ("valid", valid, (num_samples,), (torch.bool,)),
         ):
             if tensor is not None:
-                _check_tensor(name, tensor, 1, dtypes, reference.device)
-                if tensor.shape[0] != num_steps:
-                    raise ValueError(f"{name}: expected shape ({num_steps},) like the other step tensors, got {tuple(tensor.shape)}")
-        if valid is not None:
-            _check_tensor("valid", valid, 1, (torch.bool,), reference.device)
-            if valid.shape[0] != num_samples:
-                raise ValueError(f"valid: expected shape ({num_samples},) like sample_pos, got {tuple(valid.shape)}")
+                expect_tensor(name, tensor, shape, dtypes, device)
         if step_labels is None:
             step_labels = step_scores > self.validity_threshold
         if redundancy_labels is None and redundancy_scores is not None:
@@ -138,14 +132,3 @@ def _collective_device() -> torch.device:
         if torch.distributed.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _check_tensor(name: str, tensor, dims: int, dtypes, device: torch.device) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name}: expected a tensor, got {type(tensor).__name__}")
-    if tensor.dim() != dims:
-        raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {tuple(tensor.shape)}")
-    if tensor.dtype not in dtypes:
-        raise ValueError(f"{name}: expected dtype {' or '.join(map(str, dtypes))}, got {tensor.dtype}")
-    if tensor.device != device:
-        raise ValueError(f"{name}: on {tensor.device}, but the step predictions are on {device}")

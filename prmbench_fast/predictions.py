@@ -43,6 +43,9 @@ VALIDITY_SCORES = "step_level_validity_scores"
 REDUNDANCY_LABELS = "step_level_redundancy_labels"
 REDUNDANCY_SCORES = "step_level_redundancy_scores"
 
+#: The dtypes step scores may have.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 #: Class ids whose predictions with redundancy labels are scored by NOT(redundancy label) (SPEC §2.3).
 REDUNDANCY_CLASS_IDS = tuple(CLASS_ID[c] for c in REDUNDANCY_CLASSES)
 
@@ -83,20 +86,19 @@ class StepPredictions:
         checked too, which reads them (one sync on a GPU).
         """
         B, S = self.num_samples, self.num_steps
-        _expect(self.sample_pos, "sample_pos", (B,), (torch.int64,), self.device)
-        _expect(self.cu_steps, "cu_steps", (B + 1,), (torch.int32, torch.int64), self.device)
-        _expect(self.validity_labels, "validity_labels", (S,), (torch.bool,), self.device)
-        floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-        for name, tensor, dtypes in (
-            ("validity_scores", self.validity_scores, floats),
-            ("redundancy_labels", self.redundancy_labels, (torch.bool,)),
-            ("redundancy_scores", self.redundancy_scores, floats),
+        device = self.device
+        expect_tensor("sample_pos", self.sample_pos, (B,), (torch.int64,), device)
+        expect_tensor("cu_steps", self.cu_steps, (B + 1,), (torch.int32, torch.int64), device)
+        expect_tensor("validity_labels", self.validity_labels, (S,), (torch.bool,), device)
+        for name, tensor, shape, dtypes in (
+            ("validity_scores", self.validity_scores, (S,), FLOAT_DTYPES),
+            ("redundancy_labels", self.redundancy_labels, (S,), (torch.bool,)),
+            ("redundancy_scores", self.redundancy_scores, (S,), FLOAT_DTYPES),
+            ("has_redundancy", self.has_redundancy, (B,), (torch.bool,)),
+            ("valid", self.valid, (B,), (torch.bool,)),
         ):
             if tensor is not None:
-                _expect(tensor, name, (S,), dtypes, self.device)
-        for name, tensor in (("has_redundancy", self.has_redundancy), ("valid", self.valid)):
-            if tensor is not None:
-                _expect(tensor, name, (B,), (torch.bool,), self.device)
+                expect_tensor(name, tensor, shape, dtypes, device)
         if self.has_redundancy is not None and self.redundancy_labels is None:
             raise PredictionError("has_redundancy is given without redundancy_labels")
         if num_dataset_samples is not None:
@@ -193,13 +195,11 @@ class StepPredictions:
     def to_results(self, sample_ids: list[str]) -> list[dict[str, Any]]:
         """Official result lines (``{"idx", "scores": {...}}``, or ``{"idx", "validity": False}`` for an invalid
         prediction), one per sample in order; ``sample_ids`` are the dataset's ids. One host copy per field."""
-        host = {name: None if (v := getattr(self, name)) is None else v.cpu()
-                for name in ("validity_labels", "validity_scores", "redundancy_labels", "redundancy_scores")}
         fields = {
-            VALIDITY_SCORES: host["validity_scores"], VALIDITY_LABELS: host["validity_labels"],
-            REDUNDANCY_SCORES: host["redundancy_scores"], REDUNDANCY_LABELS: host["redundancy_labels"],
+            VALIDITY_SCORES: self.validity_scores, VALIDITY_LABELS: self.validity_labels,
+            REDUNDANCY_SCORES: self.redundancy_scores, REDUNDANCY_LABELS: self.redundancy_labels,
         }
-        lists = {k: (v.double().tolist() if v.is_floating_point() else v.tolist()) for k, v in fields.items()
+        lists = {k: (v.double() if v.is_floating_point() else v).cpu().tolist() for k, v in fields.items()
                  if v is not None}
         has_redundancy = None if self.has_redundancy is None else self.has_redundancy.tolist()
         valid = None if self.valid is None else self.valid.tolist()
@@ -223,15 +223,19 @@ class StepPredictions:
         return results
 
 
-def _expect(tensor, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], device: torch.device) -> None:
+def expect_tensor(name: str, tensor, shape: tuple[int | None, ...], dtypes: tuple[torch.dtype, ...],
+                  device: torch.device | None = None) -> None:
+    """Raise :class:`PredictionError` (a ValueError) naming ``name`` unless ``tensor`` is a tensor of this shape (None:
+    any size along that dimension), one of ``dtypes``, on ``device`` (None: any). Host metadata only, no sync."""
     if not isinstance(tensor, torch.Tensor):
         raise PredictionError(f"{name}: expected a tensor, got {type(tensor).__name__}")
-    if tuple(tensor.shape) != shape:
-        raise PredictionError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
+    if len(tensor.shape) != len(shape) or any(n is not None and n != m for n, m in zip(shape, tensor.shape)):
+        wanted = "(" + ", ".join("n" if n is None else str(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise PredictionError(f"{name}: expected shape {wanted}, got {tuple(tensor.shape)}")
     if tensor.dtype not in dtypes:
         raise PredictionError(f"{name}: expected dtype {' or '.join(map(str, dtypes))}, got {tensor.dtype}")
-    if tensor.device != device:
-        raise PredictionError(f"{name}: on {tensor.device}, but the labels are on {device}")
+    if device is not None and tensor.device != device:
+        raise PredictionError(f"{name}: on {tensor.device}, but the other tensors are on {device}")
 
 
 def _check_offsets_and_positions(preds: StepPredictions, num_dataset_samples: int) -> None:
@@ -370,13 +374,6 @@ def _result_id(result: Any, position: int) -> str:
     if not _is_mapping(result) or "idx" not in result:
         raise PredictionError(f"prediction #{position}: a result in a list must be a dict with an 'idx' field")
     return result["idx"]
-
-
-def _scores_of(sample_id: str, result: Mapping) -> Mapping:
-    scores = result["scores"] if "scores" in result else result
-    if not _is_mapping(scores):
-        raise PredictionError(f"prediction for sample {sample_id!r}, field 'scores': expected a dict")
-    return scores
 
 
 def _check_list(sample_id: str, field: str, values: Any) -> None:
