@@ -275,7 +275,7 @@ def evaluate_steps(
         official=official,
         table=metrics.leaderboard_table(official),
         diagnostics=_diagnostics(dataset, host, scored_positions, label_counts, unknown_ids or [], duplicates),
-        sample_ids=_sample_ids(dataset)[scored_positions].tolist(),
+        sample_ids=dataset.id_array[scored_positions].tolist(),
         sample_counts=torch.from_numpy(sample_counts_scored),
         class_counts=torch.from_numpy(host.class_counts),
         label_counts=torch.from_numpy(label_counts),
@@ -283,16 +283,6 @@ def evaluate_steps(
         task="prmbench" if validity_denominator == "non_correct" else "subset400",
         dataset=dataset,
     )
-
-
-_IDS: "weakref.WeakKeyDictionary[PRMBenchDataset, np.ndarray]" = weakref.WeakKeyDictionary()
-
-
-def _sample_ids(dataset: PRMBenchDataset) -> np.ndarray:
-    """The dataset's sample ids as a numpy object array (fancy-indexed per report), made once per dataset."""
-    if dataset not in _IDS:
-        _IDS[dataset] = np.array([s.id for s in dataset.samples], dtype=object)
-    return _IDS[dataset]
 
 
 class _Host:
@@ -375,10 +365,10 @@ def _diagnostics(dataset, host: _Host, scored_positions, n_labels, unknown_ids, 
     return {
         "samples": len(dataset),
         "predictions_used": int(predicted.sum()),
-        "missing_ids": _sample_ids(dataset)[~predicted].tolist(),
+        "missing_ids": dataset.id_array[~predicted].tolist(),
         "unknown_prediction_ids": unknown_ids,
         "duplicate_predictions": duplicates + int((~host.kept).sum()),
-        "invalid_predictions": _sample_ids(dataset)[host.pos[host.kept & ~host.valid]].tolist(),
+        "invalid_predictions": dataset.id_array[host.pos[host.kept & ~host.valid]].tolist(),
         "samples_with_fewer_labels_than_steps": int(short.sum()),
         "steps_left_unscored": int((step_counts - n_labels)[short].sum()),
         "samples_with_more_labels_than_steps": int(long.sum()),

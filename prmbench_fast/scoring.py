@@ -9,8 +9,6 @@ official rule, and the evaluator scores the labels with the counting op (``prmbe
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import time
 from typing import Any
@@ -332,16 +330,8 @@ def _run_identity(model: torch.nn.Module, fam: Family, dataset: PRMBenchDataset,
         "validity_threshold": fam.validity_threshold,
         "redundancy_threshold": fam.redundancy_threshold,
         "max_length": max_length,
-        "data": _data_fingerprint(dataset),
+        "data": dataset.content_hash,
     }
-
-
-def _data_fingerprint(dataset: PRMBenchDataset) -> str:
-    """A hash of the samples' ids, questions, steps and error steps (what a sample's result depends on)."""
-    digest = hashlib.sha256()
-    for s in dataset.samples:
-        digest.update(json.dumps([s.id, s.question, s.steps, getattr(s, "error_steps", None)]).encode("utf-8"))
-    return digest.hexdigest()[:16]
 
 
 def _open_store(output_dir, identity: dict[str, Any], rank: int, world: int, overwrite: bool) -> ResultsStore:
