@@ -2,7 +2,6 @@
 subset at the expected steps, logged into the log history and to the other callbacks, on the live weights."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import prmbench_fast
 from conftest import PRMBENCH_JSONL, REPO_ROOT
 from prmbench_fast import load_prmbench, score
 from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
+from subprocess_testing import rank_results, run_two_ranks
 
 PREFIX = "prmbench/"
 SCORE_OPTIONS = dict(family="generic", max_length=512)
@@ -154,13 +154,13 @@ def test_output_dir_keeps_one_fresh_folder_per_step_and_skips_absent_columns(tmp
         assert absent and not {PREFIX + column for column in absent} & set(values)
 
 
-# Runs under torchrun with 2 ranks (DDP on gloo, through the Trainer); each rank writes its result to its own file
-# (the ranks share one stdout, where their lines can interleave).
+# Runs under torchrun with 2 ranks (DDP on gloo, through the Trainer); each rank writes its result to its own file.
 DDP_CHILD = r"""
 import json, pathlib, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from prmbench_fast import load_prmbench, score
+from subprocess_testing import write_rank_result
 from test_callback import SCORE_OPTIONS, logged, make_tokenizer, prmbench_logs, train
 from prmbench_fast.testing.tiny_models import tiny_llama
 
@@ -172,8 +172,8 @@ trainer, recorder, mode = train(pathlib.Path(sys.argv[3]), model, tokenizer, dat
 final = score(model, data, tokenizer=tokenizer, progress=False, **SCORE_OPTIONS)  # every rank: it is collective
 history = prmbench_logs((entry["step"], entry) for entry in trainer.state.log_history)
 rank = trainer.args.process_index
-(pathlib.Path(sys.argv[3]) / f"result.rank{rank}.json").write_text(json.dumps(
-    {"rank": rank, "world": trainer.args.world_size, "history": history, "final": logged(final.table)}))
+write_rank_result(sys.argv[3], rank, {"rank": rank, "world": trainer.args.world_size, "history": history,
+                                      "final": logged(final.table)})
 torch.distributed.barrier()  # both results are written before either rank tears the group down
 torch.distributed.destroy_process_group()  # a rank leaving with the group open can abort the other (gloo)
 """
@@ -182,13 +182,8 @@ torch.distributed.destroy_process_group()  # a rank leaving with the group open 
 def test_under_ddp_every_rank_scores_and_rank_zero_logs(tmp_path):
     script = tmp_path / "ddp_child.py"
     script.write_text(DDP_CHILD)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)  # the pipeline on CPU uses the torch backend
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    run = subprocess.run([*torchrun, str(script), str(REPO_ROOT / "tests"), str(PRMBENCH_JSONL), str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"result.rank{rank}.json").read_text()) for rank in (0, 1)]
+    run_two_ranks(script, REPO_ROOT / "tests", PRMBENCH_JSONL, tmp_path)
+    ranks = rank_results(tmp_path)
     assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
     # Both ranks scored (score() gathers across ranks: one skipping it would hang the other); only rank 0 logged.
     assert [step for step, _ in ranks[0]["history"]] == [2, 4] and ranks[1]["history"] == []

@@ -1,18 +1,15 @@
 """score() on wrapped live models: FSDP2 (``fully_shard``) scores exactly like the unsharded model on 2 gloo CPU ranks
 (with or without a run folder) and leaves training untouched; FSDP1 is refused with a clear error."""
 
-import json
-import os
-import subprocess
-import sys
-
 from conftest import PRMBENCH_JSONL, REPO_ROOT
+from subprocess_testing import rank_results, run_two_ranks
 
-# Runs under torchrun with 2 ranks; prints one RESULT line per rank.
+# Runs under torchrun with 2 ranks; each rank writes its result to its own file beside the run folder (argv[3]).
 FSDP_CHILD = r"""
-import json, sys
+import json, pathlib, sys
 from datetime import timedelta
 sys.path.insert(0, sys.argv[1])
+from subprocess_testing import write_rank_result
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -116,7 +113,8 @@ for nested in (False, True):
     except ValueError as error:
         fsdp1_errors.append(str(error))
 result["fsdp1_errors"] = fsdp1_errors
-print("RESULT " + json.dumps(result, sort_keys=True), flush=True)
+write_rank_result(pathlib.Path(sys.argv[3]).parent, rank, result)
+dist.barrier()  # both results are written before either rank tears the group down
 dist.destroy_process_group()
 """
 
@@ -124,14 +122,8 @@ dist.destroy_process_group()
 def test_fsdp2_on_two_gloo_ranks_scores_like_the_unsharded_model_and_leaves_training_untouched(tmp_path):
     script = tmp_path / "fsdp_child.py"
     script.write_text(FSDP_CHILD)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)  # the pipeline on CPU uses the torch backend
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    run = subprocess.run([*torchrun, str(script), str(REPO_ROOT / "tests"), str(PRMBENCH_JSONL), str(tmp_path / "run")],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    ranks = [json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(ranks) == 2
+    run_two_ranks(script, REPO_ROOT / "tests", PRMBENCH_JSONL, tmp_path / "run")
+    ranks = rank_results(tmp_path)
     for result in ranks:
         # Never forwarded through its root yet, then after a training step: the sharded model's report is the
         # unsharded one's, exactly.

@@ -3,8 +3,6 @@ update of a sample wins; bad arguments are named; two gloo ranks equal one proce
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import torch
 from conftest import PRMBENCH_JSONL, REPO_ROOT
 from prmbench_fast import PRMBenchMetric, evaluate, load_prmbench
 from prmbench_fast.predictions import PredictionError
+from subprocess_testing import rank_results, run_two_ranks
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +114,10 @@ def test_bad_arguments_raise_a_value_error_naming_the_argument(full, change, arg
 
 
 CHILD = """
-import json, random, sys, torch
+import random, sys, torch
 sys.path.insert(0, {tests!r})
 from prmbench_fast import PRMBenchMetric, load_prmbench
+from subprocess_testing import write_rank_result
 from test_metric import random_step_outputs, stream
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -127,8 +127,7 @@ order = list(range(len(data)))[rank::world]
 metric = PRMBenchMetric(data)
 stream(metric, data, outputs, order, random.Random(rank), with_redundancy=True)
 report = metric.compute()
-with open({out!r} + f".{{rank}}", "w") as f:
-    json.dump({{"official": report.official, "table": report.table}}, f)
+write_rank_result({out!r}, rank, {{"official": report.official, "table": report.table}})
 torch.distributed.destroy_process_group()
 """
 
@@ -143,12 +142,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     single = metric.compute()
 
     script = tmp_path / "child.py"
-    out = str(tmp_path / "report")
-    script.write_text(CHILD.format(tests=str(REPO_ROOT / "tests"), data=str(PRMBENCH_JSONL), out=out))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    run = subprocess.run([*torchrun, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for rank in (0, 1):
-        got = json.loads((tmp_path / f"report.{rank}").read_text())
+    script.write_text(CHILD.format(tests=str(REPO_ROOT / "tests"), data=str(PRMBENCH_JSONL), out=str(tmp_path)))
+    run_two_ranks(script, timeout=300)
+    for got in rank_results(tmp_path):
         assert got["official"] == json.loads(json.dumps(single.official))
         assert got["table"] == json.loads(json.dumps(single.table))

@@ -21,6 +21,7 @@ from prmbench_fast.fingerprint import SAMPLE_WORDS, weights_fingerprint
 from prmbench_fast.io import FileWarning, write_text_atomic
 from prmbench_fast.results_store import ResultsStore, RunLockedError, RunMismatchError
 from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
+from subprocess_testing import cpu_child_env
 
 # ------------------------------------------------------------------------------------------------ fingerprint
 
@@ -331,8 +332,7 @@ def test_killed_run_is_not_resumed_with_other_weights(tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(REPO_ROOT / "tests"), data=str(PRMBENCH_JSONL), output_dir=str(out)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)  # the pipeline on CPU uses the torch backend
+    env = cpu_child_env()
 
     proc = subprocess.Popen([sys.executable, str(script), "0"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)

@@ -2,7 +2,6 @@
 models, cached, resumable after a crash, and identical under torch.distributed."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from prmbench_fast import evaluate, load_prmbench
 from prmbench_fast.families import FamilyError
 from prmbench_fast import score
 from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
+from subprocess_testing import cpu_child_env, run_two_ranks
 
 MAX_LENGTH = 384  # small enough that some PRMBench samples get truncated with the tiny tokenizer
 
@@ -248,12 +248,6 @@ def child_script(tmp_path, output_dir, *, limit=3, hidden=64, layers=2, batch_to
     return script
 
 
-def child_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)  # the pipeline on CPU uses the torch backend
-    return env
-
-
 def report_of(output):
     return json.loads(next(line for line in output.splitlines() if line.startswith("REPORT "))[len("REPORT "):])
 
@@ -262,7 +256,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     # A slower model so that the run is still going when it is killed.
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
     killed = child_script(tmp_path, killed_dir, hidden=256, layers=4, batch_tokens=400)
-    proc = subprocess.Popen([sys.executable, str(killed)], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, str(killed)], env=cpu_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     results = killed_dir / "results.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -275,10 +269,10 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert not (killed_dir / "report.json").exists()
     written = len(results.read_bytes().splitlines())
 
-    resumed = subprocess.run([sys.executable, str(killed)], env=child_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([sys.executable, str(killed)], env=cpu_child_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     clean = subprocess.run([sys.executable, str(child_script(tmp_path, clean_dir, hidden=256, layers=4, batch_tokens=400))],
-                           env=child_env(), capture_output=True, text=True, timeout=600)
+                           env=cpu_child_env(), capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr
     assert report_of(resumed.stdout) == report_of(clean.stdout)
     assert json.loads((killed_dir / "report.json").read_text())["run"]["samples_resumed"] >= written - 1
@@ -286,12 +280,9 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_two_ranks_on_gloo_equal_one_process(tmp_path):
     single = subprocess.run([sys.executable, str(child_script(tmp_path, tmp_path / "single"))],
-                            env=child_env(), capture_output=True, text=True, timeout=600)
+                            env=cpu_child_env(), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # a free port
-    multi = subprocess.run([*torchrun, str(child_script(tmp_path, tmp_path / "multi", distributed=True))],
-                           env=child_env(), capture_output=True, text=True, timeout=600)
-    assert multi.returncode == 0, multi.stderr
+    multi = run_two_ranks(child_script(tmp_path, tmp_path / "multi", distributed=True))
     assert report_of(multi.stdout) == report_of(single.stdout)
     shards = sorted(p.name for p in (tmp_path / "multi").glob("results*.jsonl"))
     assert shards == ["results.jsonl", "results.rank1.jsonl"]
@@ -325,5 +316,5 @@ def test_public_api_is_the_function_and_import_is_light():
         "import prmbench_fast.scoring\n"
         "assert callable(prmbench_fast.score) and prmbench_fast.score is prmbench_fast.scoring.score\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env())
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cpu_child_env())
     assert result.returncode == 0, result.stderr
