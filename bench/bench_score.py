@@ -30,7 +30,7 @@ from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer  # noq
 
 from prmbench_fast import load_prmbench  # noqa: E402
 from prmbench_fast.families.lm_judge import LMJudge  # noqa: E402
-from prmbench_fast.metrics import leaderboard_table  # noqa: E402
+from prmbench_fast.ratios import leaderboard_table  # noqa: E402
 from prmbench_fast.packing import backbone_hidden_states  # noqa: E402
 from prmbench_fast import score  # noqa: E402
 from prmbench_fast.token_cache import packed_batches  # noqa: E402

@@ -17,7 +17,7 @@ first use.
 
 from .data import PRMBenchDataError, PRMBenchDataset, Sample, load_prmbench
 from .evaluate import PredictionError, Report, evaluate, evaluate_steps
-from .metric import PRMBenchMetric
+from .streaming_metric import PRMBenchMetric
 from .predictions import StepPredictions
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
+from . import ratios as metrics
 from .classes import ALL_CLASSES, CLASS_ABBREVIATIONS, CLASS_ID, CORRECT, DOMAIN_NAMES, DOMAINS, ERROR_CLASSES, REDUNDANCY_CLASSES
 from .data import PRMBenchDataset
 from .predictions import StepPredictions

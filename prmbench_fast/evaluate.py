@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
+from . import ratios as metrics
 from .classes import ALL_CLASSES, CLASS_ID, CORRECT
 from .data import PRMBenchDataset
 from .ops import step_confusion

@@ -11,7 +11,7 @@ from prmbench_fast import evaluate, load_prmbench
 from prmbench_fast.analysis import _tables_from_counts, analyze
 from prmbench_fast.classes import ALL_CLASSES, ERROR_CLASSES
 from prmbench_fast.data import PRMBenchDataset, Sample
-from prmbench_fast.metrics import f1_metrics, leaderboard_table
+from prmbench_fast.ratios import f1_metrics, leaderboard_table
 from test_evaluate import oracle_samples
 
 # (class, source problem, number of steps, error steps): out-of-range and unsorted error steps included.

@@ -9,7 +9,7 @@ import pytest
 from prmbench_fast.testing.official_oracle import evaluate_official
 from prmbench_fast import PredictionError, evaluate, load_prmbench
 from prmbench_fast.data import PRMBenchDataset, Sample
-from prmbench_fast.metrics import leaderboard_table
+from prmbench_fast.ratios import leaderboard_table
 
 BACKENDS = ["cpu", "torch"]
 

@@ -16,7 +16,7 @@ from prmbench_fast import evaluate, load_prmbench
 from prmbench_fast.analysis import analyze, trivial_baselines
 from prmbench_fast.cli import main
 from prmbench_fast.extras import MissingExtraError
-from prmbench_fast.metrics import TABLE_COLUMNS
+from prmbench_fast.ratios import TABLE_COLUMNS
 from prmbench_fast.report import load_run, summary_text, write_report
 from prmbench_fast.report.leaderboard import published, ranked
 from test_analysis import hand_dataset, hand_predictions

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from ..classes import CLASS_ABBREVIATIONS, ERROR_CLASSES
 from ..extras import require
-from ..metrics import TABLE_COLUMNS
+from ..ratios import TABLE_COLUMNS
 
 #: Positions with fewer error steps than this are left out of the recall curve (a recall of 1-4 steps is noise).
 MIN_STEPS_PER_POSITION = 5

@@ -8,7 +8,7 @@ import html
 from typing import Any, Mapping, Sequence
 
 from ..classes import CLASS_ABBREVIATIONS
-from ..metrics import TABLE_COLUMNS
+from ..ratios import TABLE_COLUMNS
 from .leaderboard import published, ranked
 
 CSS = """

@@ -7,7 +7,7 @@ import functools
 import pathlib
 from typing import Mapping
 
-from ..metrics import TABLE_COLUMNS
+from ..ratios import TABLE_COLUMNS
 
 LEADERBOARD_FILE = pathlib.Path(__file__).with_name("leaderboard.tsv")
 #: Baseline rows computed by the evaluator on the run's data (``analysis["baselines"]``), as they are named in tables.
