@@ -3,12 +3,14 @@
 Metadata lives in pyproject.toml; this file holds what needs code: package discovery (kernels/ installs as
 ``prmbench_fast.kernels``) and the extension.
 
-The CPU implementation of the ops is always built (with OpenMP, without which ``at::parallel_for`` silently runs on one
-thread). The CUDA implementation is added only when the installed torch is a CUDA build (with a CPU torch,
-``CUDAExtension`` cannot link: no c10_cuda) and a CUDA toolkit of torch's CUDA major version is found: torch refuses to
-build with a toolkit of another major version, so a mismatched nvcc on PATH must not fail ``pip install``. Without a
-matching toolkit the CUDA op is skipped with a printed message; CUDA tensors are then served by the Triton kernels and
-the torch reference. Nothing here probes for a GPU: the toolkit is recognised by its files and ``nvcc --version``.
+The extension uses LibTorch's stable ABI and Python's limited API only, so one build (``_C.abi3.so``) loads under every
+torch from :data:`OLDEST_TORCH` on and every CPython from :data:`OLDEST_PYTHON` on, whichever torch it was built with.
+The CPU implementation of the ops is always built. The CUDA implementation is added only when the installed torch is
+a CUDA build (with a CPU torch, ``CUDAExtension`` cannot link: no c10_cuda) and a CUDA toolkit of torch's CUDA major
+version is found: torch refuses to build with a toolkit of another major version, so a mismatched nvcc on PATH must
+not fail ``pip install``. Without a matching toolkit the CUDA op is skipped with a printed message; CUDA tensors are
+then counted by the torch reference (prmbench_fast/ops.py says so once, at the first such call). Nothing here probes
+for a GPU: the toolkit is recognised by its files and ``nvcc --version``.
 
 Switches (environment variables):
     PRMBENCH_FAST_FORCE_CUDA=1  fail instead of skipping the CUDA op when it cannot be built (CPU torch, no matching
@@ -128,7 +130,7 @@ def choose_cuda_toolkit(
         force: PRMBENCH_FAST_FORCE_CUDA: raise :class:`ToolkitError` instead of returning ``home=None``.
         skip: PRMBENCH_FAST_SKIP_CUDA: CPU extension only (wins over ``force``).
     """
-    fallback = "CUDA tensors are served by the Triton kernels and the torch reference"
+    fallback = "CUDA tensors are then counted by the torch reference"
     if skip:
         return ToolkitChoice(None, f"PRMBENCH_FAST_SKIP_CUDA is set: building the CPU extension only; {fallback}")
     if torch_cuda is None:
@@ -178,26 +180,56 @@ def _which_nvcc() -> str | None:
 
 
 # -- extension --------------------------------------------------------------------------------------------------------
+#: The oldest torch the extension supports: csrc/ uses LibTorch's stable ABI only, compiled for this version
+#: (TORCH_TARGET_VERSION), so the binary loads under it and every later torch. pyproject.toml's torch floor must match
+#: (tests/test_build_setup.py checks it).
+OLDEST_TORCH = (2, 10)
+#: The oldest CPython: the module is built for Python's limited API (abi3) of this version, and loads under later ones.
+OLDEST_PYTHON = (3, 10)
+
+
+def stable_abi_macros(
+    torch_version: tuple[int, int] = OLDEST_TORCH, python: tuple[int, int] = OLDEST_PYTHON
+) -> list[str]:
+    """Compiler definitions that make one binary load under every torch >= ``torch_version`` and every CPython >=
+    ``python``: the stable-ABI target version (major in bits 56-63, minor in 48-55, as torch/csrc/stable/version.h
+    encodes it), TORCH_STABLE_ONLY (torch's headers then refuse to be mixed with its unstable C++ API), and the
+    limited Python API."""
+    major, minor = torch_version
+    return [
+        f"-DTORCH_TARGET_VERSION=0x{(major << 56) | (minor << 48):016x}",
+        "-DTORCH_STABLE_ONLY",
+        f"-DPy_LIMITED_API=0x{python[0]:02x}{python[1]:02x}0000",
+    ]
+
+
+def check_build_torch(version: str) -> None:
+    """Refuse a torch older than :data:`OLDEST_TORCH` at build time (its headers lack the stable ABI the op uses)."""
+    found = _major_minor(version.split("+")[0])
+    if found < OLDEST_TORCH:
+        oldest = ".".join(map(str, OLDEST_TORCH))
+        sys.exit(f"prmbench_fast: building needs torch >= {oldest} (LibTorch stable ABI); the installed one is {version}")
+
+
 def _extension(cuda_home: str | None):
     # Imported only now: torch.utils.cpp_extension reads CUDA_HOME once, at import.
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++17", *stable_abi_macros()]
     if cuda_home is None:
         return CppExtension(
-            "prmbench_fast._C",
-            cpp_sources,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
-            py_limited_api=True,
+            "prmbench_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True
         )
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    # USE_CUDA declares the CUDA part of the stable C shim (the current stream).
     return CUDAExtension(
         "prmbench_fast._C",
         cpp_sources + cuda_sources,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={
+            "cxx": [*cxx_flags, "-DUSE_CUDA"],
+            "nvcc": ["-O3", "-std=c++17", "-DUSE_CUDA", *stable_abi_macros()],
+        },
         py_limited_api=True,
     )
 
@@ -205,6 +237,7 @@ def _extension(cuda_home: str | None):
 def main() -> None:
     import torch
 
+    check_build_torch(torch.__version__)
     torch_cuda = torch.version.cuda
     candidates = []
     if torch_cuda is not None:

@@ -11,13 +11,17 @@
 //   bad_input () int32, a bitwise OR of BadInput flags (0: the inputs were valid, the counts are meaningful).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/macros/Macros.h>
-
 #include <cstdint>
 #include <string>
 
 #include "checks.h"
+
+// count_sample runs on the host (CPU op) and on the device (one CUDA thread per sample).
+#ifdef __CUDACC__
+#define PRMBENCH_HOST_DEVICE __host__ __device__
+#else
+#define PRMBENCH_HOST_DEVICE
+#endif
 
 namespace prmbench_fast {
 
@@ -39,14 +43,14 @@ enum BadInput : int32_t {
 // Checks that need no tensor data (so no device sync): ranks, lengths, dtypes, one device, num_classes >= 1.
 // Returns the batch size B.
 inline int64_t check_step_confusion_args(
-    const at::Tensor& step_values,
-    const at::Tensor& thresholds,
-    const at::Tensor& cu_labels,
-    const at::Tensor& error_steps,
-    const at::Tensor& cu_errors,
-    const at::Tensor& sample_class,
+    const Tensor& step_values,
+    const Tensor& thresholds,
+    const Tensor& cu_labels,
+    const Tensor& error_steps,
+    const Tensor& cu_errors,
+    const Tensor& sample_class,
     int64_t num_classes) {
-  TORCH_CHECK(num_classes >= 1, "num_classes must be >= 1, got ", num_classes);
+  check(num_classes >= 1, "num_classes must be >= 1, got ", num_classes);
   // B is read from sample_class, so a wrong length is reported on the offsets or thresholds that disagree with it.
   check_any_vector(sample_class, "sample_class", "(B,)");
   const int64_t num_samples = sample_class.size(0);
@@ -58,40 +62,58 @@ inline int64_t check_step_confusion_args(
   check_any_vector(error_steps, "error_steps", "(E,)");
 
   const auto value_type = step_values.scalar_type();
-  TORCH_CHECK(
-      value_type == at::kBool || value_type == at::kFloat || value_type == at::kDouble,
-      "step_values must be bool, float32 or float64, got ", value_type);
-  check_dtype(thresholds, "thresholds", at::kDouble);
-  check_dtype(cu_labels, "cu_labels", at::kLong);
-  check_dtype(error_steps, "error_steps", at::kLong);
-  check_dtype(cu_errors, "cu_errors", at::kLong);
-  check_dtype(sample_class, "sample_class", at::kLong);
+  check(
+      value_type == ScalarType::Bool || value_type == ScalarType::Float || value_type == ScalarType::Double,
+      "step_values must be bool, float32 or float64, got ", torch::headeronly::toString(value_type));
+  check_dtype(thresholds, "thresholds", ScalarType::Double);
+  check_dtype(cu_labels, "cu_labels", ScalarType::Long);
+  check_dtype(error_steps, "error_steps", ScalarType::Long);
+  check_dtype(cu_errors, "cu_errors", ScalarType::Long);
+  check_dtype(sample_class, "sample_class", ScalarType::Long);
 
-  const c10::Device device = step_values.device();
-  check_same_device(thresholds, "thresholds", device, "step_values");
-  check_same_device(cu_labels, "cu_labels", device, "step_values");
-  check_same_device(error_steps, "error_steps", device, "step_values");
-  check_same_device(cu_errors, "cu_errors", device, "step_values");
-  check_same_device(sample_class, "sample_class", device, "step_values");
+  check_same_device(thresholds, "thresholds", step_values, "step_values");
+  check_same_device(cu_labels, "cu_labels", step_values, "step_values");
+  check_same_device(error_steps, "error_steps", step_values, "step_values");
+  check_same_device(cu_errors, "cu_errors", step_values, "step_values");
+  check_same_device(sample_class, "sample_class", step_values, "step_values");
   return num_samples;
+}
+
+// Calls `body(scalar_t{})` with the C++ type of step_values' dtype (bool, float or double: what
+// check_step_confusion_args admits), as AT_DISPATCH does outside the stable ABI.
+template <typename Body>
+inline void dispatch_step_values(ScalarType type, const Body& body) {
+  switch (type) {
+    case ScalarType::Bool:
+      body(bool{});
+      break;
+    case ScalarType::Float:
+      body(float{});
+      break;
+    case ScalarType::Double:
+      body(double{});
+      break;
+    default:
+      fail("step_values must be bool, float32 or float64, got ", torch::headeronly::toString(type));
+  }
 }
 
 // A label is positive ("this step is correct"). Bool values are the labels themselves; floating values are compared
 // with the sample's threshold in float64, as the official adapters compare Python floats (NaN is never positive).
-C10_HOST_DEVICE inline bool is_positive(bool value, double /*threshold*/) {
+PRMBENCH_HOST_DEVICE inline bool is_positive(bool value, double /*threshold*/) {
   return value;
 }
-C10_HOST_DEVICE inline bool is_positive(float value, double threshold) {
+PRMBENCH_HOST_DEVICE inline bool is_positive(float value, double threshold) {
   return static_cast<double>(value) > threshold;
 }
-C10_HOST_DEVICE inline bool is_positive(double value, double threshold) {
+PRMBENCH_HOST_DEVICE inline bool is_positive(double value, double threshold) {
   return value > threshold;
 }
 
 // True when `errors[j]` already occurred in `errors[0, j)`: the official loop tests `i in error_steps`, so a repeated
 // error step is one error step. Quadratic in the sample's error count, which averages 2.1 on PRMBench; in exchange it
 // needs no scratch memory, which keeps the CUDA thread simple.
-C10_HOST_DEVICE inline bool seen_before(const int64_t* errors, int64_t j) {
+PRMBENCH_HOST_DEVICE inline bool seen_before(const int64_t* errors, int64_t j) {
   for (int64_t k = 0; k < j; ++k) {
     if (errors[k] == errors[j]) {
       return true;
@@ -108,7 +130,7 @@ C10_HOST_DEVICE inline bool seen_before(const int64_t* errors, int64_t j) {
 // TP/FN follow by subtraction. An error step outside [0, num_labels) is never scored (the official loop only visits
 // label indices); the first error step is the minimum over all of them, scored only when it is in range.
 template <typename scalar_t>
-C10_HOST_DEVICE inline void count_sample(
+PRMBENCH_HOST_DEVICE inline void count_sample(
     const scalar_t* values,
     int64_t num_labels,
     double threshold,

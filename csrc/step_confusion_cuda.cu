@@ -9,20 +9,19 @@
 // of its sample into the bad_input output, clamps malformed offsets and skips bad class ids so that nothing is read or
 // written out of bounds, and prmbench_fast/ops.py raises when it reads a nonzero flag.
 //
-// Only light ATen/c10 headers are included (no <torch/extension.h>, no <ATen/cuda/CUDAContext.h>): see
-// /work/shared/docs/TOOLCHAIN.md.
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/macros/Macros.h>
-#include <torch/library.h>
+// Like the CPU kernel it uses the stable ABI only: the device guard and the current stream come from its C shim
+// (torch/csrc/stable/accelerator.h and aoti_torch_get_current_cuda_stream, declared when USE_CUDA is defined, which
+// setup.py does for this build).
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
 
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "step_confusion.h"
@@ -129,34 +128,35 @@ __global__ void step_confusion_kernel(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> step_confusion_cuda(
-    const at::Tensor& step_values_in,
-    const at::Tensor& thresholds_in,
-    const at::Tensor& cu_labels_in,
-    const at::Tensor& error_steps_in,
-    const at::Tensor& cu_errors_in,
-    const at::Tensor& sample_class_in,
+std::tuple<Tensor, Tensor, Tensor> step_confusion_cuda(
+    Tensor step_values_in,
+    Tensor thresholds_in,
+    Tensor cu_labels_in,
+    Tensor error_steps_in,
+    Tensor cu_errors_in,
+    Tensor sample_class_in,
     int64_t num_classes) {
   // The dispatcher routes here when any argument is a CUDA tensor, so the device checks below are what catch a
   // mix of CPU and CUDA tensors (or two GPUs).
   const int64_t num_samples = check_step_confusion_args(
       step_values_in, thresholds_in, cu_labels_in, error_steps_in, cu_errors_in, sample_class_in, num_classes);
-  check_device_type(step_values_in, "step_values", c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard device_guard(step_values_in.device());
+  check_device_type(step_values_in, "step_values", DeviceType::CUDA, "CUDA");
+  const int32_t device_index = step_values_in.get_device_index();
+  const torch::stable::accelerator::DeviceGuard device_guard(device_index);
 
   // contiguous() is a no-op for contiguous inputs and otherwise an asynchronous copy on the current stream.
-  const at::Tensor step_values = step_values_in.contiguous();
-  const at::Tensor thresholds = thresholds_in.contiguous();
-  const at::Tensor cu_labels = cu_labels_in.contiguous();
-  const at::Tensor error_steps = error_steps_in.contiguous();
-  const at::Tensor cu_errors = cu_errors_in.contiguous();
-  const at::Tensor sample_class = sample_class_in.contiguous();
+  const Tensor step_values = torch::stable::contiguous(step_values_in);
+  const Tensor thresholds = torch::stable::contiguous(thresholds_in);
+  const Tensor cu_labels = torch::stable::contiguous(cu_labels_in);
+  const Tensor error_steps = torch::stable::contiguous(error_steps_in);
+  const Tensor cu_errors = torch::stable::contiguous(cu_errors_in);
+  const Tensor sample_class = torch::stable::contiguous(sample_class_in);
 
   // Every row of sample_counts is written by the kernel; class_counts and bad_input are accumulated into, so they
   // start at zero.
-  at::Tensor sample_counts = at::empty({num_samples, kSampleColumns}, cu_labels.options());
-  at::Tensor class_counts = at::zeros({num_classes, kConfusionColumns}, cu_labels.options());
-  at::Tensor bad_input = at::zeros({}, cu_labels.options().dtype(at::kInt));
+  Tensor sample_counts = torch::stable::new_empty(cu_labels, std::vector<int64_t>{num_samples, kSampleColumns});
+  Tensor class_counts = torch::stable::new_zeros(cu_labels, std::vector<int64_t>{num_classes, kConfusionColumns});
+  Tensor bad_input = torch::stable::new_zeros(cu_labels, std::vector<int64_t>{}, ScalarType::Int);
 
   const int64_t histogram_bytes = num_classes * kConfusionColumns * static_cast<int64_t>(sizeof(unsigned long long));
   const bool shared_histogram = histogram_bytes <= kMaxSharedHistogramBytes;
@@ -165,10 +165,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_confusion_cuda(
   const int64_t wanted_blocks = (num_samples + kThreadsPerBlock - 1) / kThreadsPerBlock;
   const unsigned int blocks = static_cast<unsigned int>(
       wanted_blocks < 1 ? 1 : (wanted_blocks < kMaxBlocks ? wanted_blocks : kMaxBlocks));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));
 
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBool, step_values.scalar_type(), "step_confusion_cuda", [&] {
-    step_confusion_kernel<scalar_t><<<blocks, kThreadsPerBlock, shared_bytes, stream>>>(
+  dispatch_step_values(step_values.scalar_type(), [&](auto value_type) {
+    using scalar_t = decltype(value_type);
+    step_confusion_kernel<scalar_t><<<blocks, kThreadsPerBlock, shared_bytes, static_cast<cudaStream_t>(stream)>>>(
         step_values.const_data_ptr<scalar_t>(),
         thresholds.const_data_ptr<double>(),
         cu_labels.const_data_ptr<int64_t>(),
@@ -180,18 +182,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_confusion_cuda(
         error_steps.size(0),
         num_classes,
         shared_histogram,
-        sample_counts.data_ptr<int64_t>(),
-        reinterpret_cast<unsigned long long*>(class_counts.data_ptr<int64_t>()),
-        bad_input.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        sample_counts.mutable_data_ptr<int64_t>(),
+        reinterpret_cast<unsigned long long*>(class_counts.mutable_data_ptr<int64_t>()),
+        bad_input.mutable_data_ptr<int32_t>());
   });
+  const cudaError_t launched = cudaGetLastError();
+  check(launched == cudaSuccess, "step_confusion: CUDA kernel launch failed: ", cudaGetErrorString(launched));
   return {class_counts, sample_counts, bad_input};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(prmbench_fast, CUDA, m) {
-  m.impl("step_confusion", &step_confusion_cuda);
+STABLE_TORCH_LIBRARY_IMPL(prmbench_fast, CUDA, m) {
+  m.impl("step_confusion", TORCH_BOX(&step_confusion_cuda));
 }
 
 }  // namespace prmbench_fast

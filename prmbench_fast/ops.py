@@ -1,18 +1,22 @@
 """The boundary of the compiled ops: loading ``prmbench_fast._C``, fake kernels, and ``backend=`` dispatch.
 
-The extension is optional at import time: if it is missing or stale, this module still imports (so the pure-torch
-paths and the test suite keep working) and only a call that needs the compiled op fails, naming the rebuild command.
-Nothing here touches CUDA at import.
+The extension is optional: if it is missing, fails to load, or was built without its CUDA kernel (a CPU-only build on
+a GPU machine), this module still imports and ``backend="auto"`` counts with the torch reference instead (identical
+counts), warning once with the cause and the fix. Only an explicit ``backend="cpu"``/``"cuda"`` insists on the compiled
+op and raises, naming the rebuild command. Nothing here touches CUDA at import.
 """
 
 from __future__ import annotations
 
 import torch
 
+from prmbench_fast.compat import has_kernel, warn_once
 from prmbench_fast.reference import step_confusion_reference
 
-#: The command that (re)builds the extension, run from the repository root.
+#: The command that (re)builds the extension against the installed torch: from the repository root, or with the
+#: source distribution's path instead of ``.``.
 REBUILD_COMMAND = "pip install --no-build-isolation -e ."
+_OP = "prmbench_fast::step_confusion"
 #: Values accepted by the ``backend`` argument of :func:`step_confusion`.
 BACKENDS = ("auto", "cpu", "cuda", "torch")
 _TENSOR_ARGUMENTS = ("step_values", "thresholds", "cu_labels", "error_steps", "cu_errors", "sample_class")
@@ -42,6 +46,19 @@ def _require_extension() -> None:
             f"({type(C_IMPORT_ERROR).__name__}: {C_IMPORT_ERROR}). "
             f"Rebuild it from the repository root with: {REBUILD_COMMAND}"
         ) from C_IMPORT_ERROR
+
+
+def compiled_kernel_missing(device_type: str) -> str | None:
+    """Why the compiled op cannot count tensors on ``device_type`` ("cpu", "cuda"), or None when it can."""
+    if not HAS_C_EXTENSION:
+        error = f"{type(C_IMPORT_ERROR).__name__}: {C_IMPORT_ERROR}"
+        return f"the compiled extension prmbench_fast._C did not load ({error})"
+    if not has_kernel(_OP, device_type.upper()):
+        return (
+            f"prmbench_fast._C was built without a {device_type.upper()} kernel (built against a torch without "
+            f"{device_type.upper()}, or without a matching toolkit)"
+        )
+    return None
 
 
 if HAS_C_EXTENSION:
@@ -94,8 +111,10 @@ def step_confusion(
         cu_errors: (B+1,), int64. Offsets of each sample's error steps in ``error_steps``, from 0 to E.
         sample_class: (B,), int64. Class id of each sample, in ``[0, num_classes)``.
         num_classes: number of classes (rows of the per-class counts), at least 1.
-        backend: ``"auto"`` runs the compiled op for the tensors' device; ``"cpu"`` and ``"cuda"`` run the compiled
-            op and require every tensor on that device type; ``"torch"`` runs the plain-torch reference.
+        backend: ``"auto"`` runs the compiled op for the tensors' device, or the torch reference when the extension
+            has no kernel for it (missing, failed to load, built without CUDA), warning once; ``"cpu"`` and
+            ``"cuda"`` run the compiled op and require every tensor on that device type; ``"torch"`` runs the
+            plain-torch reference.
 
     Returns:
         class_counts: (num_classes, 4), int64. TP, FP, TN, FN summed over the samples of each class.
@@ -105,7 +124,8 @@ def step_confusion(
 
     Raises:
         ValueError: unknown ``backend``, or tensors on another device type than ``backend`` names.
-        RuntimeError: the compiled extension is not importable (the message names the rebuild command), or the op
+        RuntimeError: ``backend="cpu"``/``"cuda"`` and the compiled op has no kernel for it (the message names the
+            cause and the rebuild command), or the op
             rejected its inputs (the message names the argument and the expected shape, dtype or range), the same
             error on both devices. The CPU op checks the data before counting. The CUDA op checks it in the kernel
             and reports it through a flag (a device-side assert would poison the process's CUDA context): reading
@@ -119,7 +139,17 @@ def step_confusion(
         return step_confusion_reference(*args)
     if backend != "auto":
         _check_device_type(dict(zip(_TENSOR_ARGUMENTS, args)), backend)
-    _require_extension()
+    missing = compiled_kernel_missing(step_values.device.type) if step_values.device.type in ("cpu", "cuda") else None
+    if missing is not None:
+        if backend != "auto":
+            _require_extension()
+            raise RuntimeError(f"{missing}; rebuild it against this torch with: {REBUILD_COMMAND}")
+        warn_once(
+            f"step_confusion:{step_values.device.type}",
+            f"{missing}: counting with the torch reference instead (identical counts, slower). To build it: "
+            f"{REBUILD_COMMAND} (from the repository root, or the source distribution in place of '.')",
+        )
+        return step_confusion_reference(*args)
     class_counts, sample_counts, bad_input = torch.ops.prmbench_fast.step_confusion(*args)
     flags = int(bad_input)
     if flags:

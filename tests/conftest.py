@@ -12,6 +12,7 @@ out by ``make test-fast``.
 
 import os
 import pathlib
+import sys
 
 import torch
 
@@ -27,6 +28,15 @@ SHARED = REPO_ROOT.parent / "shared"
 PRMBENCH_JSONL = SHARED / "prmbench" / "prmbench_preview.jsonl"
 SUBSET400_JSONL = SHARED / "prmbench" / "subset400_official.jsonl"
 FIXTURES = SHARED / "prmbench" / "fixtures"
+
+
+def read_pyproject() -> dict:
+    """The repository's pyproject.toml, parsed (tomllib from Python 3.11, its backport tomli on 3.10)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 
 
 @pytest.fixture(scope="session")

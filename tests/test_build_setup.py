@@ -8,11 +8,10 @@ import pathlib
 import re
 import stat
 import sys
-import tomllib
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, read_pyproject
 from prmbench_fast.extras import MissingExtraError, require
 
 
@@ -50,7 +49,8 @@ def test_only_a_mismatched_toolkit_skips_the_cuda_op_with_a_message():
     assert choice.home is None
     assert "no CUDA 12.x toolkit found for torch's CUDA 12.8" in choice.message
     assert "/usr/local/cuda-13.0 (nvcc on PATH): CUDA 13.0" in choice.message
-    assert "CPU extension only" in choice.message and "Triton" in choice.message and "CUDA_HOME" in choice.message
+    for part in ("CPU extension only", "torch reference", "CUDA_HOME"):
+        assert part in choice.message
 
 
 def test_force_turns_a_skip_into_an_error():
@@ -194,7 +194,7 @@ def test_require_does_not_hide_a_broken_installation(tmp_path, monkeypatch):
 
 
 def test_every_require_call_names_a_declared_extra_that_lists_the_module():
-    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = read_pyproject()["project"]["optional-dependencies"]
     declared = {extra: {re.split(r"[<>=!~;\[ ]", req)[0].lower() for req in reqs} for extra, reqs in extras.items()}
     calls = []
     for source in (REPO_ROOT / "prmbench_fast").rglob("*.py"):

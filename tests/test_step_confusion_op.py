@@ -12,12 +12,14 @@ import math
 import pathlib
 import re
 import sys
+import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import prmbench_fast.compat as compat
 import prmbench_fast.ops as ops
 from prmbench_fast.reference import step_confusion_reference
 
@@ -329,18 +331,41 @@ def test_unknown_backend():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A missing extension: import still succeeds, the compiled call names the rebuild command, "torch" still works.
+# A missing extension: import still succeeds, "auto" falls back to the torch reference with one warning, an explicit
+# compiled backend names the rebuild command.
 
 
-def test_missing_extension_message(monkeypatch):
+def test_missing_extension_falls_back_once(monkeypatch):
     monkeypatch.setattr(ops, "HAS_C_EXTENSION", False)
     monkeypatch.setattr(ops, "C_IMPORT_ERROR", ImportError("undefined symbol: _ZN3c104cuda"))
-    for backend in ("auto", "cpu"):
-        with pytest.raises(RuntimeError, match=re.escape("pip install --no-build-isolation -e .")) as raised:
-            ops.step_confusion(*valid_args(), backend=backend)
-        assert "undefined symbol: _ZN3c104cuda" in str(raised.value)
-    class_counts, _ = ops.step_confusion(*valid_args(), backend="torch")
-    assert class_counts.sum().item() == 5
+    monkeypatch.setattr(compat, "_WARNED", set())
+    expected = ops.step_confusion(*valid_args(), backend="torch")
+    with pytest.warns(compat.FallbackWarning, match=r"did not load \(ImportError: undefined symbol: _ZN3c104cuda\)"):
+        fallback = ops.step_confusion(*valid_args(), backend="auto")
+    assert all(torch.equal(a, b) for a, b in zip(fallback, expected))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        ops.step_confusion(*valid_args(), backend="auto")
+    with pytest.raises(RuntimeError, match=re.escape("pip install --no-build-isolation -e .")) as raised:
+        ops.step_confusion(*valid_args(), backend="cpu")
+    assert "undefined symbol: _ZN3c104cuda" in str(raised.value)
+
+
+def test_build_without_the_device_kernel_falls_back(monkeypatch):
+    # A CPU-only build on a GPU machine: the op exists but has no kernel for the tensors' device.
+    monkeypatch.setattr(ops, "has_kernel", lambda op, key: key != "CPU")
+    monkeypatch.setattr(compat, "_WARNED", set())
+    with pytest.warns(compat.FallbackWarning, match="built without a CPU kernel"):
+        class_counts, _ = ops.step_confusion(*valid_args(), backend="auto")
+    assert torch.equal(class_counts, ops.step_confusion(*valid_args(), backend="torch")[0])
+    with pytest.raises(RuntimeError, match=r"built without a CPU kernel.*pip install --no-build-isolation -e \."):
+        ops.step_confusion(*valid_args(), backend="cpu")
+
+
+def test_the_built_extension_has_its_kernels():
+    # This checkout's build: the CPU kernel always; the CUDA kernel exactly when torch is a CUDA build and the build
+    # found a toolkit (tests/test_gpu.py exercises it on a GPU).
+    assert ops.HAS_C_EXTENSION and ops.compiled_kernel_missing("cpu") is None
 
 
 def test_module_imports_without_extension(monkeypatch):
@@ -352,4 +377,4 @@ def test_module_imports_without_extension(monkeypatch):
     spec.loader.exec_module(module)
     assert module.HAS_C_EXTENSION is False and isinstance(module.C_IMPORT_ERROR, ImportError)
     with pytest.raises(RuntimeError, match=re.escape(module.REBUILD_COMMAND)):
-        module.step_confusion(*valid_args())
+        module.step_confusion(*valid_args(), backend="cpu")
