@@ -28,8 +28,8 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
+
+from prmbench_fast.compat import HAS_TRITON, tl, triton, warn_once
 
 BACKENDS = ("auto", "triton", "torch")
 ACTIVATIONS = ("softmax", "sigmoid", "none")
@@ -108,6 +108,16 @@ def _check_backend(backend: str, *tensors: torch.Tensor) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     on_gpu = all(t.is_cuda for t in tensors)
+    if not HAS_TRITON:
+        if backend == "triton":
+            raise RuntimeError('backend="triton" needs Triton, which is not installed; use backend="torch"')
+        if on_gpu:
+            warn_once(
+                "step_reward:no-triton",
+                "Triton is not installed: step rewards on CUDA tensors run the torch implementation (same numbers, "
+                "more memory traffic); install the triton release your torch pairs for the fused kernels",
+            )
+        return False
     if backend == "triton" and not on_gpu and not triton.knobs.runtime.interpret:
         devices = sorted({str(t.device) for t in tensors})
         raise RuntimeError(

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 ATTN_IMPLEMENTATION = "prmbench_varlen"
 BACKENDS = ("auto", "varlen", "sdpa")
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.10 has no varlen attention; the per-segment SDPA path still works.
-    varlen_attn = None
+from .compat import varlen_attn, varlen_attn_takes_gqa
+
+# ``varlen_attn`` is torch's flash varlen attention where it takes what this module passes (torch >= 2.11), else None:
+# the per-segment SDPA path then serves every input (prmbench_fast/compat.py says what each torch release lacks).
 
 # Flash attention (behind varlen_attn) has half-precision kernels only, built for sm_80 (Ampere) and newer: older
 # GPUs raise "FlashAttention only supports Ampere GPUs or newer". Its forward takes head dims up to 256, padding them
@@ -135,7 +135,10 @@ def varlen_kernel(
     segment has more keys than queries, flash aligns its queries with its LAST keys (so a segment's queries may sit
     on top of keys they share with other segments: prefix sharing uses that)."""
     if varlen_attn is None:
-        raise RuntimeError("backend='varlen' needs torch.nn.attention.varlen (torch >= 2.10); use backend='sdpa'")
+        raise RuntimeError(
+            "backend='varlen' needs torch.nn.attention.varlen.varlen_attn with scale= and window_size= (torch >= "
+            f"2.11; this is torch {torch.__version__}); use backend='sdpa'"
+        )
     for cu in (cu_seqlens_q, cu_seqlens_k):
         if cu.dtype != torch.int32 or cu.device != query.device:
             raise ValueError(f"cu_seqlens must be int32 on {query.device}, got {cu.dtype} on {cu.device}")
@@ -144,6 +147,15 @@ def varlen_kernel(
     q = query[0].transpose(0, 1).contiguous()
     k = key[0].transpose(0, 1).contiguous()
     v = value[0].transpose(0, 1).contiguous()
+    gqa = {}
+    if q.shape[1] != k.shape[1]:
+        if varlen_attn_takes_gqa(varlen_attn):
+            gqa = {"enable_gqa": True}
+        else:
+            # torch 2.11's varlen_attn has no GQA: give every query head its own copy of its group's key/value head
+            # (query head h reads key/value head h // group, as enable_gqa does), the same dot products.
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if not is_causal:
         window = (-1, -1)
     elif sliding_window is None:
@@ -162,7 +174,7 @@ def varlen_kernel(
         max_seqlen_k,
         scale=scaling,
         window_size=window,
-        enable_gqa=q.shape[1] != k.shape[1],
+        **gqa,
     )
     return out.unsqueeze(0)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 
-def flash_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
+def flash_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa=False):
     """q (Tq, Hq, D), k/v (Tk, Hkv, D); segment b holds queries ``cu_q[b]:cu_q[b+1]`` and keys ``cu_k[b]:cu_k[b+1]``.
 
     Flash aligns a segment's queries with the END of its keys (bottom-right): query i of a segment with Lq queries and
@@ -34,3 +34,9 @@ def flash_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_s
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         out[qs:qe] = torch.einsum("hij,jhd->ihd", probs, v[ks:ke])
     return out
+
+
+def flash_varlen_reference_without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
+    """The same, with torch 2.11's signature: no ``enable_gqa``, so query and key/value heads must be equal."""
+    assert q.shape[1] == k.shape[1] == v.shape[1], "torch 2.11's varlen_attn has no GQA"
+    return flash_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)

@@ -17,7 +17,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from flash_reference import flash_varlen_reference
+from flash_reference import flash_varlen_reference, flash_varlen_reference_without_gqa
 from prmbench_fast import varlen_attention
 from prmbench_fast.packing import PackedBatch, TokenizedSample, backbone_hidden_states, pack_batches
 
@@ -250,9 +250,13 @@ def test_attention_needs_packed_metadata():
         model.base_model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
 
 
-def test_varlen_backend_plumbing(model, monkeypatch):
-    """The CUDA varlen path cannot run here: check its layout, window and GQA plumbing against a CPU stand-in."""
-    monkeypatch.setattr(varlen_attention, "varlen_attn", flash_varlen_reference)
+@pytest.mark.parametrize(
+    "stand_in", [flash_varlen_reference, flash_varlen_reference_without_gqa], ids=["torch>=2.12", "torch2.11"]
+)
+def test_varlen_backend_plumbing(model, monkeypatch, stand_in):
+    """The CUDA varlen path cannot run here: check its layout, window and GQA plumbing against a CPU stand-in, with
+    and without ``enable_gqa`` in its signature (the tiny models have 4 query and 2 key/value heads)."""
+    monkeypatch.setattr(varlen_attention, "varlen_attn", stand_in)
     batch = _packed_batch()
     hidden = backbone_hidden_states(model, batch, backend="varlen")
     torch.testing.assert_close(hidden, _per_sample(model, batch), atol=ATOL, rtol=RTOL)
@@ -271,14 +275,19 @@ def test_varlen_backend_plumbing(model, monkeypatch):
         ((8, 0), torch.bfloat16, 100, False),  # not a multiple of 8
     ],
 )
-def test_flash_varlen_supported(capability, dtype, head_dim, supported):
+def test_flash_varlen_supported(capability, dtype, head_dim, supported, monkeypatch):
+    monkeypatch.setattr(varlen_attention, "varlen_attn", flash_varlen_reference)  # whatever this torch has
     assert varlen_attention.flash_varlen_supported(capability, dtype, head_dim) is supported
+    # torch 2.10: no usable varlen_attn, so nothing is routed to it.
+    monkeypatch.setattr(varlen_attention, "varlen_attn", None)
+    assert varlen_attention.flash_varlen_supported(capability, dtype, head_dim) is False
 
 
 def test_auto_backend_asks_the_query_device(monkeypatch):
     # Two GPUs: "auto" must look at the capability of the device the query is on, not at the current device.
     capabilities = {torch.device("cuda:0"): (7, 5), torch.device("cuda:1"): (8, 0)}
     monkeypatch.setattr(varlen_attention, "_capability", capabilities.__getitem__)
+    monkeypatch.setattr(varlen_attention, "varlen_attn", flash_varlen_reference)
 
     def query(device: str, dtype=torch.bfloat16, head_dim=128):
         # _resolve_backend reads only these attributes; no CUDA tensor can exist here.
