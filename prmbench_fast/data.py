@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from .classes import CLASS_DOMAIN, CLASS_ID, CORRECT, CORRECT_SOURCE_CLASS, ERROR_CLASSES, REDUNDANCY_CLASSES
+from .extras import require
 from .io import FileError, looks_like_hub_id, read_jsonl
 
 DEFAULT_HUB_DATASET = "hitsmy/PRMBench_Preview"
@@ -347,7 +348,8 @@ class _Builder:
 
 
 def _hub_rows(dataset_id: str) -> Iterator[tuple[int, Any]]:
-    import datasets  # imported here: loading from a local file does not need it
+    # Imported here: loading from a local file does not need it (the `hub` extra installs it).
+    datasets = require("datasets", "hub", "loading PRMBench from the Hugging Face hub")
 
     try:
         table = datasets.load_dataset(dataset_id, split="train")
