@@ -82,6 +82,10 @@ _PROBS_TILES_NATIVE = _ProbsTiles(block_s=32, block_v=128, max_block_h=32, num_w
 # blocks of one vocabulary split run side by side and share it through L2.
 _PROBS_TILES_FP32 = _ProbsTiles(block_s=16, block_v=64, max_block_h=32, num_warps=8, num_stages=2)
 _PROBS_MIN_BLOCK = 16
+# step_token_probs_reference converts the LM head to fp32 this many rows at a time: 8,192 rows of a 7B model's width
+# (3,584) are 117 MB of fp32, 5 % of the whole head's 2.2 GB, and a few dozen matmuls per call cost nothing next to
+# the (S, V) logits they fill.
+_REFERENCE_VOCAB_ROWS = 8192
 # With few steps there are few row blocks, so the vocabulary is split across programs (flash-decoding style) and the
 # per-split log-sum-exps are merged afterwards. ~8 resident programs per SM on a 132-SM GPU is ~1024 programs.
 _TARGET_PROGRAMS = 1024
@@ -480,8 +484,9 @@ def step_token_probs_reference(
 
     ``out[i, k] = softmax(hidden[step_pos[i]] @ lm_head_weight.T + lm_head_bias)[token_ids[k]]``, in fp32. This is
     PRMBench's RLHFlow rule (P("+") over the full vocabulary). The Triton backend streams the LM head in vocabulary
-    tiles with an online log-sum-exp, holding no (S, V) buffer, and returns exp(logit_k - lse); this reference builds
-    the (S, V) logits of the step rows (never the (T, V) logits).
+    tiles with an online log-sum-exp, holding no (S, V) buffer, and returns exp(logit_k - lse); the torch reference
+    builds the (S, V) fp32 logits of the step rows (never the (T, V) logits), converting the LM head to fp32 a slice
+    of rows at a time (never the whole head).
 
     Args:
         hidden: (T, H), any float dtype, any strides. Final hidden states of the packed batch.
@@ -494,9 +499,15 @@ def step_token_probs_reference(
         (S, K), float32. Probabilities, not renormalised over the K ids; an id may repeat.
     """
     ids = _check_step_token_probs_args(hidden, step_pos, lm_head_weight, token_ids, lm_head_bias)
-    logits = hidden.index_select(0, step_pos).float() @ lm_head_weight.float().T
+    rows = hidden.index_select(0, step_pos).float()
+    V = lm_head_weight.shape[0]
+    logits = torch.empty((rows.shape[0], V), dtype=torch.float32, device=hidden.device)
+    # The LM head goes to fp32 one slice of rows at a time: `lm_head_weight.float()` would copy all of it at every
+    # call (2.2 GB for a 7B model's 152,064 x 3,584 bf16 head); each logit is the same fp32 dot product either way.
+    for v0 in range(0, V, _REFERENCE_VOCAB_ROWS):
+        logits[:, v0 : v0 + _REFERENCE_VOCAB_ROWS] = rows @ lm_head_weight[v0 : v0 + _REFERENCE_VOCAB_ROWS].float().T
     if lm_head_bias is not None:
-        logits = logits + lm_head_bias.float()
+        logits += lm_head_bias.float()
     cols = torch.tensor(ids, dtype=torch.int64, device=hidden.device)
     return torch.log_softmax(logits, dim=-1).index_select(1, cols).exp()
 
@@ -562,8 +573,9 @@ def step_token_probs(
 
     ``out[i, k] = softmax(hidden[step_pos[i]] @ lm_head_weight.T + lm_head_bias)[token_ids[k]]``, in fp32. This is
     PRMBench's RLHFlow rule (P("+") over the full vocabulary). The Triton backend streams the LM head in vocabulary
-    tiles with an online log-sum-exp, holding no (S, V) buffer, and returns exp(logit_k - lse); this reference builds
-    the (S, V) logits of the step rows (never the (T, V) logits).
+    tiles with an online log-sum-exp, holding no (S, V) buffer, and returns exp(logit_k - lse); the torch reference
+    builds the (S, V) fp32 logits of the step rows (never the (T, V) logits), converting the LM head to fp32 a slice
+    of rows at a time (never the whole head).
 
     Args:
         hidden: (T, H), any float dtype, any strides. Final hidden states of the packed batch.

@@ -8,6 +8,9 @@ on the GPU.
 import pytest
 import torch
 import triton
+from torch.overrides import TorchFunctionMode
+
+from error_bounds import U_FP32, assert_within, step_token_probs_bound
 
 from prmbench_fast.kernels import step_reward as sr
 from prmbench_fast.kernels.step_reward import (
@@ -307,6 +310,35 @@ def test_step_token_probs_accepts_token_tensor():
     by_tensor = step_token_probs(hidden, step_pos, lm_w, torch.tensor([5, 63]), lm_head_bias=lm_b, backend="triton")
     by_list = step_token_probs(hidden, step_pos, lm_w, [5, 63], lm_head_bias=lm_b, backend="triton")
     assert torch.equal(by_tensor, by_list)  # same kernel, same inputs: bitwise equal
+
+
+class _Conversions(TorchFunctionMode):
+    """Records the number of elements of every tensor converted with ``.float()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.float:
+            self.sizes.append(args[0].numel())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_step_token_probs_reference_converts_the_lm_head_a_slice_at_a_time(dtype, monkeypatch):
+    # 1000 rows in slices of 64: 15 whole slices and a partial one. The whole head never goes to fp32 at once (at 7B
+    # that copy is 2.2 GB per call), and the result still meets the any-order bound of the float64 softmax.
+    monkeypatch.setattr(sr, "_REFERENCE_VOCAB_ROWS", 64)
+    step_pos, T = _packed_step_pos([1, 12, 40])
+    H, V = 67, 1000
+    hidden = _hidden(T, H, dtype)
+    lm_w, lm_b = _head(V, H, dtype, scale=6.0)
+    with _Conversions() as conversions:
+        out = step_token_probs_reference(hidden, step_pos, lm_w, [10, 999, 0], lm_head_bias=lm_b)
+    assert max(conversions.sizes) <= max(64 * H, step_pos.numel() * H)
+    exact, bound = step_token_probs_bound(hidden, step_pos, lm_w, lm_b, [10, 999, 0], u=U_FP32, rescales=0)
+    assert_within(out, exact, bound)
 
 
 # ---------------------------------------------------------------------------------------------------------------
