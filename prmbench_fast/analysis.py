@@ -125,8 +125,9 @@ def _mean_or_none(total: float, n: int) -> float | None:
 
 
 def positive_bias(steps: _Steps, official: dict[str, Any]) -> dict[str, Any]:
-    """Per class and overall: on correct steps and on error steps, how many, the mean score (steps with a score) and
-    the positive-label rate; plus the official similarity (mean |response rate − clean partner's response rate|)."""
+    """Per class and overall: on correct steps and on error steps, how many, the mean score (steps with a finite
+    score) and the positive-label rate; plus the official similarity (mean |response rate − clean partner's response
+    rate|)."""
     out: dict[str, Any] = {}
     similarity = official["hallucination_type_results"]["similarity"]
     classes = [c for c in ERROR_CLASSES if c in similarity]
@@ -134,7 +135,7 @@ def positive_bias(steps: _Steps, official: dict[str, Any]) -> dict[str, Any]:
         base = steps.counted if of_class is None else steps.counted & of_class
         entry: dict[str, Any] = {}
         for kind, mask in (("correct_steps", base & ~steps.is_error), ("error_steps", base & steps.is_error)):
-            scored = mask & ~np.isnan(steps.score)
+            scored = mask & np.isfinite(steps.score)  # a mean with an infinite score says nothing
             entry[kind] = {
                 "steps": int(mask.sum()),
                 "mean_score": _mean_or_none(steps.score[scored].sum(), int(scored.sum())),
@@ -146,15 +147,20 @@ def positive_bias(steps: _Steps, official: dict[str, Any]) -> dict[str, Any]:
 
 
 def score_histograms(steps: _Steps) -> dict[str, Any] | None:
-    """Counts of the validity scores of the counted correct and error steps in equal-width bins (None: no scores)."""
+    """Counts of the validity scores of the counted correct and error steps in equal-width bins over the finite
+    scores (None: no scores). A score of -inf or +inf (labelled by ``score > threshold`` like any other) is counted
+    in the first or last bin; ``infinite_scores`` says how many there are."""
     use = steps.counted & ~np.isnan(steps.score)
+    finite = use & np.isfinite(steps.score)
     if not use.any():
         return None
-    edges = np.histogram_bin_edges(steps.score[use], bins=HISTOGRAM_BINS)
+    edges = np.histogram_bin_edges(steps.score[finite] if finite.any() else [0.0], bins=HISTOGRAM_BINS)
+    clipped = np.clip(steps.score, edges[0], edges[-1])
     return {
         "edges": edges.tolist(),
-        "correct_steps": np.histogram(steps.score[use & ~steps.is_error], bins=edges)[0].tolist(),
-        "error_steps": np.histogram(steps.score[use & steps.is_error], bins=edges)[0].tolist(),
+        "correct_steps": np.histogram(clipped[use & ~steps.is_error], bins=edges)[0].tolist(),
+        "error_steps": np.histogram(clipped[use & steps.is_error], bins=edges)[0].tolist(),
+        "infinite_scores": int((use & ~finite).sum()),
     }
 
 
@@ -196,7 +202,9 @@ class _Sweep:
         swept = steps.by_validity
         self.correct = [np.sort(steps.score[swept & ~steps.is_error & (steps.class_id == c)]) for c in range(len(ALL_CLASSES))]
         self.error = [np.sort(steps.score[swept & steps.is_error & (steps.class_id == c)]) for c in range(len(ALL_CLASSES))]
-        self.scores = steps.score[swept & (steps.class_id != CLASS_ID[CORRECT])]
+        scores = steps.score[swept & (steps.class_id != CLASS_ID[CORRECT])]
+        # Candidate thresholds are finite: a threshold between two finite scores labels +-inf as any other.
+        self.scores = scores[np.isfinite(scores)]
 
     def counts(self, thresholds: np.ndarray) -> np.ndarray:
         """(T, classes, 4) int64 TP, FP, TN, FN with labels = score > threshold."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import weakref
 from typing import Any
 
@@ -24,7 +25,8 @@ from . import ratios as metrics
 from .classes import ALL_CLASSES, CLASS_ID, CORRECT
 from .data import PRMBenchDataset
 from .ops import step_confusion
-from .predictions import PredictionError, StepPredictions, parse_results
+from .predictions import PredictionError, StepPredictions, ThresholdWarning, check_predictions_argument, parse_results
+from .tasks import check_task_dataset
 
 #: The validity-rate denominators (SPEC §2.5): the main task subtracts the correct samples' predictions from the number
 #: of samples; the subset400 task's copy of the evaluator does not.
@@ -154,19 +156,23 @@ def evaluate(
         PredictionError: a malformed prediction (the message names the sample, field and index), no predictions, or
             none that matches a sample of the dataset.
     """
+    check_predictions_argument(predictions)
     if task != "prmbench":
         from .tasks import get_task
 
         return get_task(task).evaluate(dataset, predictions, **task_options)
     if task_options:
         raise TypeError(f"evaluate() got unexpected options {sorted(task_options)}")
-    for name, value in (("validity_threshold", validity_threshold), ("redundancy_threshold", redundancy_threshold)):
+    check_task_dataset(task, dataset)
+    thresholds = {"validity_threshold": validity_threshold, "redundancy_threshold": redundancy_threshold}
+    for name, value in thresholds.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if isinstance(predictions, StepPredictions):
         return evaluate_steps(dataset, predictions, backend=backend, validity_denominator=validity_denominator)
     parsed = parse_results(dataset, predictions, validity_threshold=validity_threshold,
                            redundancy_threshold=redundancy_threshold, keep_scores=keep_scores)
+    _warn_if_one_sided(parsed.labelled_ranges, thresholds)
     if parsed.predictions.num_samples == 0:
         unknown = parsed.unknown_ids
         if not unknown:
@@ -177,6 +183,20 @@ def evaluate(
         )
     return evaluate_steps(dataset, parsed.predictions, backend=backend, unknown_ids=parsed.unknown_ids,
                           duplicates=parsed.duplicates, validity_denominator=validity_denominator)
+
+
+def _warn_if_one_sided(labelled_ranges: dict[str, tuple[float, float]], thresholds: dict[str, float]) -> None:
+    """A :class:`ThresholdWarning` for each threshold that gave every score it labelled the same label: a threshold
+    on another scale than the scores (5.0 for probabilities) silently makes a one-sided predictor."""
+    for name, (low, high) in labelled_ranges.items():
+        threshold = thresholds[name]
+        if low <= threshold < high:
+            continue
+        side = "at or above the highest" if threshold >= high else "below the lowest"
+        label = "False" if threshold >= high else "True"
+        warnings.warn(f"{name} {threshold:g} is {side} score it labels (scores from {low:g} to {high:g}): every such "
+                      f"step gets the label {label}; is the threshold on the scores' scale?", ThresholdWarning,
+                      stacklevel=3)
 
 
 class _DeviceArrays:

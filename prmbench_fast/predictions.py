@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -51,7 +52,19 @@ REDUNDANCY_CLASS_IDS = tuple(CLASS_ID[c] for c in REDUNDANCY_CLASSES)
 
 
 class PredictionError(ValueError):
-    """A prediction the evaluator cannot score; the message names the sample id (or argument) and the field."""
+    """A prediction the evaluator cannot score; the message names the sample id (or argument) and the field.
+
+    ``sample_id`` is the sample whose prediction is bad (None for an argument error), so that a caller that read the
+    predictions from a file can name the file and line too."""
+
+    def __init__(self, message: str, sample_id: str | None = None):
+        super().__init__(message)
+        self.sample_id = sample_id
+
+
+class ThresholdWarning(UserWarning):
+    """A label threshold that makes every label the same (it lies outside the scores it labels, e.g. 5.0 for
+    probabilities)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +79,17 @@ class StepPredictions:
     redundancy_scores: torch.Tensor | None = None
     has_redundancy: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+
+    def __post_init__(self):
+        # Types at construction (host only, no sync): a list here would otherwise fail far from the call, inside
+        # the evaluator. Shapes, dtypes and devices are checked by check().
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            required = field.default is dataclasses.MISSING
+            if not isinstance(value, torch.Tensor) and (required or value is not None):
+                wanted = "a torch.Tensor" if required else "a torch.Tensor or None"
+                raise TypeError(f"StepPredictions: {field.name} must be {wanted}, got {type(value).__name__} "
+                                "(e.g. torch.tensor(values))")
 
     @property
     def num_samples(self) -> int:
@@ -263,12 +287,25 @@ def _isin(values: torch.Tensor, choices: tuple[int, ...]) -> torch.Tensor:
 
 @dataclasses.dataclass
 class ParsedResults:
-    """What :func:`parse_results` found: the flat predictions (first result per known id, in given order) and the
-    results it left out."""
+    """What :func:`parse_results` found: the flat predictions (first result per known id, in given order), the
+    results it left out, and for each threshold that labelled scores ("validity_threshold", "redundancy_threshold")
+    the (lowest, highest) score it labelled."""
 
     predictions: StepPredictions
     unknown_ids: list[str]
     duplicates: int
+    labelled_ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+
+
+def check_predictions_argument(predictions: Any, argument: str = "predictions") -> None:
+    """Raise TypeError naming ``argument`` when it cannot be predictions: a path or text (a file is read with
+    :func:`prmbench_fast.io.read_predictions` first), or something that is no mapping, iterable or StepPredictions."""
+    if isinstance(predictions, (str, bytes, os.PathLike)):
+        raise TypeError(f"{argument} must be predictions, not a path or text ({predictions!r}): read a predictions "
+                        "file with prmbench_fast.io.read_predictions(path) and pass what it returns")
+    if not isinstance(predictions, (StepPredictions, Mapping)) and not hasattr(predictions, "__iter__"):
+        raise TypeError(f"{argument} must be StepPredictions, a mapping id -> result or an iterable of result dicts, "
+                        f"got {type(predictions).__name__}")
 
 
 def _is_mapping(value: Any) -> bool:
@@ -305,6 +342,7 @@ def parse_results(
     scores: list = []  # flat validity scores, aligned with labels; NaN for a prediction without (usable) scores
     offsets = [0]
     redundancy: dict[int, tuple[list, list | None]] = {}  # kept-index -> (redundancy labels, scores or None)
+    ranges: dict[str, tuple[float, float]] = {}  # threshold name -> (lowest, highest) score it labelled
     nan = math.nan
     # Bound methods: this loop runs once per prediction (7k for the benchmark) and is most of evaluate()'s time.
     find, keep, extend_labels, extend_scores, end_sample = (
@@ -319,7 +357,8 @@ def parse_results(
             duplicates += 1
             continue
         if type(result) is not dict and not isinstance(result, Mapping):
-            raise PredictionError(f"prediction for sample {sample_id!r}: expected a dict, got {type(result).__name__}")
+            raise PredictionError(f"prediction for sample {sample_id!r}: expected a dict, got {type(result).__name__}",
+                                  sample_id)
         taken[where] = 1
         keep(where)
         if not result.get("validity", True):  # the official test: "validity" in result and not result["validity"]
@@ -328,21 +367,23 @@ def parse_results(
             continue
         fields = result.get("scores", result)
         if type(fields) is not dict and not isinstance(fields, Mapping):
-            raise PredictionError(f"prediction for sample {sample_id!r}, field 'scores': expected a dict")
+            raise PredictionError(f"prediction for sample {sample_id!r}, field 'scores': expected a dict", sample_id)
         step_labels = fields.get(VALIDITY_LABELS)
         step_scores = fields.get(VALIDITY_SCORES)
         if redundancy_rule[where] and (
             REDUNDANCY_LABELS in fields or (step_labels is None and REDUNDANCY_SCORES in fields)
         ):
-            step_labels, step_scores = _redundancy_sample(sample_id, fields, redundancy_threshold, redundancy, len(kept) - 1)
+            step_labels, step_scores = _redundancy_sample(sample_id, fields, redundancy_threshold, redundancy,
+                                                          len(kept) - 1, ranges)
         elif step_labels is None:
             if step_scores is None:
                 raise PredictionError(
                     f"prediction for sample {sample_id!r}, field 'scores': has neither {VALIDITY_LABELS!r} nor "
-                    f"{VALIDITY_SCORES!r}"
+                    f"{VALIDITY_SCORES!r}",
+                    sample_id,
                 )
-            _check_list(sample_id, VALIDITY_SCORES, step_scores)
-            step_labels = [_number(sample_id, VALIDITY_SCORES, i, v) > validity_threshold for i, v in enumerate(step_scores)]
+            step_labels = _threshold_labels(sample_id, VALIDITY_SCORES, step_scores, validity_threshold,
+                                            ranges, "validity_threshold")
         elif type(step_labels) is not list:
             _check_list(sample_id, VALIDITY_LABELS, step_labels)
         extend_labels(step_labels)
@@ -356,7 +397,7 @@ def parse_results(
             extend_scores([nan] * len(step_labels))  # no scores, or not one per label: unusable for analyses
         end_sample(len(labels))
     flat = _flat(dataset, kept, offsets, labels, scores if keep_scores else None, invalid, redundancy)
-    return ParsedResults(flat, unknown, duplicates)
+    return ParsedResults(flat, unknown, duplicates, ranges)
 
 
 def _items(results):
@@ -378,22 +419,36 @@ def _result_id(result: Any, position: int) -> str:
 
 def _check_list(sample_id: str, field: str, values: Any) -> None:
     if not isinstance(values, (list, tuple)):
-        raise PredictionError(f"prediction for sample {sample_id!r}, field {field!r}: expected a list")
+        raise PredictionError(f"prediction for sample {sample_id!r}, field {field!r}: expected a list", sample_id)
+
+
+def _threshold_labels(sample_id: str, field: str, scores: Any, threshold: float, ranges: dict, name: str) -> list:
+    """``score > threshold`` for each score (the official adapters' rule; +-inf compare as numbers, NaN is refused),
+    widening ``ranges[name]`` to the scores labelled."""
+    _check_list(sample_id, field, scores)
+    values = [_number(sample_id, field, i, v) for i, v in enumerate(scores)]
+    if values:
+        low, high = ranges.get(name, (math.inf, -math.inf))
+        ranges[name] = (min(low, *values), max(high, *values))
+    return [v > threshold for v in values]
 
 
 def _number(sample_id: str, field: str, index: int, value: Any) -> float:
     """A score as a float; booleans, strings, None, NaN and integers beyond the float range are refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise PredictionError(f"prediction for sample {sample_id!r}, field {field!r}[{index}]: not a number: {value!r}")
+        raise PredictionError(f"prediction for sample {sample_id!r}, field {field!r}[{index}]: not a number: {value!r}",
+                              sample_id)
     try:
         return float(value)
     except OverflowError:
         raise PredictionError(
-            f"prediction for sample {sample_id!r}, field {field!r}[{index}]: {str(value)[:20]}... is too large for a float"
+            f"prediction for sample {sample_id!r}, field {field!r}[{index}]: {str(value)[:20]}... is too large for a float",
+            sample_id,
         ) from None
 
 
-def _redundancy_sample(sample_id: str, fields: Mapping, threshold: float, redundancy: dict, index: int):
+def _redundancy_sample(sample_id: str, fields: Mapping, threshold: float, redundancy: dict, index: int,
+                       ranges: dict):
     """A ``redundency``/``circular`` prediction with redundancy values: the evaluator scores NOT(redundancy label).
 
     Returns the validity labels and scores stored beside them, cut or padded to the redundancy list's length (the
@@ -405,8 +460,8 @@ def _redundancy_sample(sample_id: str, fields: Mapping, threshold: float, redund
     validity = fields.get(VALIDITY_LABELS)
     validity_scores = fields.get(VALIDITY_SCORES)
     if red_labels is None:
-        _check_list(sample_id, REDUNDANCY_SCORES, red_scores)
-        red_labels = [_number(sample_id, REDUNDANCY_SCORES, i, v) > threshold for i, v in enumerate(red_scores)]
+        red_labels = _threshold_labels(sample_id, REDUNDANCY_SCORES, red_scores, threshold, ranges,
+                                       "redundancy_threshold")
     elif type(red_labels) is not list:
         _check_list(sample_id, REDUNDANCY_LABELS, red_labels)
     if red_scores is not None and (type(red_scores) is not list or len(red_scores) != len(red_labels)):
@@ -500,7 +555,8 @@ def _labels_array(labels: list, field: str, spans) -> np.ndarray:
             if not (isinstance(v, (bool, int, float)) and v in (0, 1)):
                 raise PredictionError(
                     f"prediction for sample {sample_id!r}, field {field!r}[{i}]: a label must be true/false (or 0/1), "
-                    f"got {v!r}"
+                    f"got {v!r}",
+                    sample_id,
                 )
     return np.array([bool(v) for v in labels], dtype=bool)
 

@@ -50,6 +50,9 @@ class Family(abc.ABC):
     validity_threshold: ClassVar[float] = 0.5
     #: Families that also emit redundancy scores (ReasonEval) set this; None otherwise.
     redundancy_threshold: ClassVar[float | None] = None
+    #: The closed range of the values the thresholds are compared with (probabilities by default); a threshold
+    #: outside it labels every step alike, so it is refused. None: unbounded (raw logits).
+    threshold_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
     #: Families whose official encoding itself depends on the truncation length take a ``max_length`` option;
     #: ``score()`` then passes its own ``max_length``, so the two cuts cannot disagree.
     takes_max_length: ClassVar[bool] = False
@@ -86,7 +89,19 @@ class Family(abc.ABC):
         for name, value in overrides.items():
             setattr(family, name, value)
             family.options[name] = value
+        family.check_thresholds()
         return family
+
+    def check_thresholds(self) -> None:
+        """Raise :class:`FamilyError` for a threshold outside :attr:`threshold_range` (e.g. 5.0 for probabilities)."""
+        if self.threshold_range is None:
+            return
+        low, high = self.threshold_range
+        for name in ("validity_threshold", "redundancy_threshold"):
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise FamilyError(f"{self.name}: {name} {value:g} is outside the range of the values it is compared "
+                                  f"with, [{low:g}, {high:g}]: every step would get the same label")
 
     @classmethod
     def load_model(cls, name_or_path: str, **from_pretrained_kwargs: Any) -> torch.nn.Module:

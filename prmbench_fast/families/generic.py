@@ -50,6 +50,8 @@ class GenericPRM(Family):
         self.head = head
         self.activation = activation
         self.validity_threshold = threshold
+        if reward_tokens is None and activation == "none":
+            self.threshold_range = None  # a one-output head's raw value: any real number
 
     def encode(self, sample: Sample) -> Encoded:
         tok = self.tokenizer

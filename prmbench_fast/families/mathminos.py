@@ -42,6 +42,7 @@ class MathMinosFamily(Family):
     takes_max_length = True
     auto_class = "AutoModelForTokenClassification"
     validity_threshold = 0.0
+    threshold_range = None  # a raw logit
 
     def __init__(self, tokenizer: Any, *, max_length: int = OFFICIAL_MAX_LENGTH, strict: bool = True, **unknown: Any):
         if unknown:

@@ -38,6 +38,7 @@ class PurePRMFamily(Family):
     name = "pure_prm"
     auto_class = "AutoModelForTokenClassification"
     validity_threshold = 0.0
+    threshold_range = (-1.0, 1.0)  # p1 - p0
 
     def __init__(self, tokenizer: Any, **options: Any):
         unknown = set(options) - set(precision.OPTIONS)

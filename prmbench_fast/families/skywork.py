@@ -79,6 +79,7 @@ class SkyworkFamily(Family):
     auto_class = "AutoModelForCausalLM"
     # The official label rule compares score differences with -0.05 (the adapter's validity_threshold).
     validity_threshold = -0.05
+    threshold_range = (-1.0, 1.0)  # differences of sigmoids (and the first sigmoid)
 
     def __init__(self, tokenizer: Any, **options: Any):
         if options:

@@ -45,4 +45,17 @@ def get_task(name: str) -> Task:
     return importlib.import_module(f"{__name__}.{_MODULES[name]}").TASK
 
 
-__all__ = ["DEFAULT_TASK", "TASK_NAMES", "Task", "get_task"]
+def check_task_dataset(task: str, dataset: Any, argument: str = "dataset") -> None:
+    """Raise TypeError naming ``argument`` when ``dataset`` is not the kind of data ``task`` evaluates: BoN data
+    (``load_prmbench(path, task="bon")``) for "bon", PRMBench data for the others."""
+    from ..data import PRMBenchDataset
+    from .bon import BoNDataset
+
+    wanted = BoNDataset if task == "bon" else PRMBenchDataset
+    if not isinstance(dataset, wanted):
+        how = 'load_prmbench(path, task="bon")' if task == "bon" else f'load_prmbench(task="{task}")'
+        raise TypeError(f"{argument} must be the {task} task's data (from {how}), got {type(dataset).__name__}: "
+                        "pass the task= its data was loaded for")
+
+
+__all__ = ["DEFAULT_TASK", "TASK_NAMES", "Task", "check_task_dataset", "get_task"]

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from ..data import PRMBenchDataError, SampleSet
 from ..evaluate import PredictionError
+from ..predictions import check_predictions_argument
 
 VALIDITY_SCORES = "step_level_validity_scores"
 CORRECT_LABEL = "correct"
@@ -250,7 +251,9 @@ def _kept_results(dataset: BoNDataset, predictions: Any) -> tuple[list[dict], li
             duplicates += 1
         else:
             if not isinstance(result, Mapping):
-                raise PredictionError(f"prediction for sample {sample_id!r}: expected a dict, got {type(result).__name__}")
+                raise PredictionError(
+                    f"prediction for sample {sample_id!r}: expected a dict, got {type(result).__name__}", sample_id
+                )
             seen.add(sample_id)
             kept.append({**result, "idx": sample_id})
     return kept, unknown, duplicates
@@ -264,15 +267,18 @@ def _step_scores(result: Mapping) -> list[float]:
     """The prediction's validity scores ([] without them, as officially); anything but finite numbers raises."""
     scores = result.get("scores")
     if not isinstance(scores, Mapping):
-        raise PredictionError(f"prediction for sample {result['idx']!r}, field 'scores': missing or not a dict")
+        raise PredictionError(f"prediction for sample {result['idx']!r}, field 'scores': missing or not a dict",
+                              result["idx"])
     values = scores.get(VALIDITY_SCORES, [])
     if not isinstance(values, (list, tuple)):
-        raise PredictionError(f"prediction for sample {result['idx']!r}, field {VALIDITY_SCORES!r}: expected a list")
+        raise PredictionError(f"prediction for sample {result['idx']!r}, field {VALIDITY_SCORES!r}: expected a list",
+                              result["idx"])
     for i, v in enumerate(values):
         # NaN would make the official max and sort order-dependent; infinities make the min shift inf - inf.
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise PredictionError(
-                f"prediction for sample {result['idx']!r}, field {VALIDITY_SCORES!r}[{i}]: not a finite number: {v!r}"
+                f"prediction for sample {result['idx']!r}, field {VALIDITY_SCORES!r}[{i}]: not a finite number: {v!r}",
+                result["idx"],
             )
     return list(values)
 
@@ -372,7 +378,15 @@ def evaluate_bon(dataset: BoNDataset, predictions: Any, *, seed: int = 0) -> BoN
         predictions: official result dicts with ``idx`` (``{id}/{k}``), ``{id: result}``, or flat step predictions;
             a result's ``scores`` holds ``step_level_validity_scores``; ``validity: false`` marks an invalid one.
         seed: seeds the random tie-breaks (maj@n ties, PRM-BoN questions without a valid prediction).
+
+    Raises:
+        TypeError: ``dataset`` is not BoN data, or ``predictions`` is a path rather than predictions.
+        PredictionError: a malformed prediction (the message names the sample and the field).
     """
+    from . import check_task_dataset
+
+    check_task_dataset("bon", dataset)
+    check_predictions_argument(predictions)
     kept, unknown, duplicates = _kept_results(dataset, predictions)
     rng = random.Random(seed)
     official = {"pass_at_n": _pass_at_n(dataset), "maj_of_n": _maj_of_n(dataset, rng), "prm_bon": _prm_bon(dataset, kept, rng)}

@@ -60,6 +60,9 @@ class Subset400Task:
 
     def evaluate(self, dataset: PRMBenchDataset, predictions: Any, **options: Any) -> Report:
         """The official subset task's numbers: :func:`prmbench_fast.evaluate` with the subset's validity rule."""
+        from . import check_task_dataset
+
+        check_task_dataset(self.name, dataset)
         if [s.id for s in dataset.samples] != subset_sample_ids():
             raise ValueError("the subset400 task evaluates its own samples: load them with task='subset400'")
         return evaluate(dataset, predictions, validity_denominator="all_samples", **options)
