@@ -40,6 +40,14 @@ class PredictionFileError(FileError):
     """A malformed predictions file; the message names the file, the line and the field."""
 
 
+class FileWriteError(FileError, OSError):
+    """Writing a file failed (a full disk, a file too large, no permission...); the message names the file."""
+
+    def __init__(self, path: str | os.PathLike, err: OSError, hint: str = ""):
+        super().__init__(path, None, None, f"cannot be written: {err.strerror or err}" + (f"; {hint}" if hint else ""))
+        self.errno, self.os_error = err.errno, err
+
+
 class FileWarning(UserWarning):
     """Content of a file that was skipped (e.g. a torn line in a results file); the message names file and line."""
 
@@ -82,6 +90,25 @@ def check_output_dir(path: str | os.PathLike) -> pathlib.Path:
         raise FileError(path, None, None, "is a file, expected an output folder")
     _check_writable_folder(path, path)
     return path
+
+
+def check_not_an_input(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Raise :class:`FileError` when ``output`` is the same file as one of ``inputs`` ({option: path}), so that
+    writing it would overwrite what the command reads (compared by resolved path and by device and inode)."""
+    output = pathlib.Path(output)
+    for option, path in inputs.items():
+        if path is not None and _same_file(output, pathlib.Path(path)):
+            raise FileError(output, None, None, f"is the {option} file; writing it would overwrite the input. "
+                            "Choose another output path")
+
+
+def _same_file(a: pathlib.Path, b: pathlib.Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def prepare_output_dir(path: str | os.PathLike) -> pathlib.Path:
@@ -199,6 +226,11 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
         PredictionFileError: the file is unreadable, not UTF-8, or a line is malformed (file, line and field named).
         MissingFileError: the file does not exist.
     """
+    return [record for _, record in read_prediction_lines(path)]
+
+
+def read_prediction_lines(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """:func:`read_predictions` with each result's line number, to name the line of a result the evaluator refuses."""
     results = []
     for line_number, record in read_jsonl(path, PredictionFileError):
         if isinstance(record, dict) and "results" in record and "task_name" in record:
@@ -208,8 +240,48 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
         problem = result_problem(record)
         if problem is not None:
             raise PredictionFileError(path, line_number, *problem)
-        results.append(record)
+        results.append((line_number, record))
     return results
+
+
+#: The JSON files of a checkpoint folder that transformers parses (config, tokenizer).
+CHECKPOINT_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "generation_config.json", "model.safetensors.index.json")
+
+
+def check_checkpoint_files(folder: str | os.PathLike) -> None:
+    """Raise :class:`FileError` naming the file when a checkpoint folder's JSON files do not parse or a safetensors
+    file is truncated or corrupt, before transformers reads them (its errors name neither)."""
+    folder = pathlib.Path(folder)
+    for name in CHECKPOINT_JSON_FILES:
+        if (folder / name).is_file():
+            read_json(folder / name)
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors(path)
+
+
+def check_safetensors(path: pathlib.Path) -> None:
+    """A safetensors file is an 8-byte little-endian header length, a JSON header giving each tensor's byte range,
+    then the data: the file must be at least as long as the header says (a download cut short is not)."""
+    def bad(problem: str) -> FileError:
+        return FileError(path, None, None, f"{problem}: a truncated or corrupt weights file; download or save the "
+                         "checkpoint again")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise bad(f"{size} bytes, shorter than a safetensors header")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > size - 8:
+            raise bad(f"the header claims {header_size} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(header_size))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            raise bad("its header is not a safetensors header") from None
+    if 8 + header_size + end > size:
+        raise bad(f"{size:,} bytes, but its header describes {8 + header_size + end:,}")
 
 
 # ------------------------------------------------------------------------------------------------------------ writing
@@ -225,21 +297,45 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
     The file gets the permissions of a plain ``open(path, "w")`` (0666 less the umask, e.g. 0644): the temporary file
     is created with ``os.open(..., 0o666)`` rather than ``mkstemp``, whose 0600 would survive the rename.
+
+    Raises:
+        FileWriteError: the folder cannot be created or the file cannot be written (a full disk, a file too large...);
+            the message names ``path``, and the temporary file is removed.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FileWriteError(path, err) from None
     # A unique name (pid and a random uuid) and O_EXCL: never another writer's temporary file.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as err:
+        raise FileWriteError(path, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise FileWriteError(path, err) from None
         raise
+
+
+def append_synced(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` (UTF-8) to ``path`` and fsync it; an error names ``path`` (:class:`FileWriteError`). A
+    failure may leave a torn last line, which the readers of appended files cut or skip."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise FileWriteError(path, err) from None
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -12,14 +12,16 @@ import collections
 import json
 import os
 import pathlib
+import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .data import PRMBenchDataset
 from .families import Encoded, Family
+from .io import FileError, FileWarning, FileWriteError, check_output_dir, write_bytes_atomic
 from .packing import PackedBatch, TokenizedSample, pack_batches
 
 _ENCODED: dict[str, dict[str, Encoded]] = {}
@@ -35,6 +37,20 @@ def _disk_path(cache_dir: str | os.PathLike, key: str) -> pathlib.Path:
 
 
 def _load_disk(path: pathlib.Path) -> dict[str, Encoded]:
+    """The cache file's samples; a file that cannot be read as one (truncated, corrupt, another layout) is reported
+    with a :class:`~prmbench_fast.io.FileWarning` and treated as empty, so it is rebuilt."""
+    try:
+        return _read_cache_file(path)
+    except PermissionError:
+        raise FileError(path, None, None, "permission denied (the cache file is not readable); fix its permissions "
+                        "or pass another --cache-dir") from None
+    except Exception as err:  # noqa: BLE001 whatever safetensors, json or the layout raise: a cache is rebuildable
+        warnings.warn(f"{path}: not a readable tokenization cache ({type(err).__name__}: {err}); it is rebuilt",
+                      FileWarning, stacklevel=3)
+        return {}
+
+
+def _read_cache_file(path: pathlib.Path) -> dict[str, Encoded]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -42,6 +58,8 @@ def _load_disk(path: pathlib.Path) -> dict[str, Encoded]:
     tensors = load_file(str(path))
     ids, id_offsets = tensors["input_ids"].tolist(), tensors["id_offsets"].tolist()
     pos, pos_offsets = tensors["reward_pos"].tolist(), tensors["pos_offsets"].tolist()
+    if len(id_offsets) != len(sample_ids) + 1 or len(pos_offsets) != len(sample_ids) + 1:
+        raise ValueError(f"{len(sample_ids)} sample ids but {len(id_offsets) - 1} samples of tokens")
     return {
         sample_id: Encoded(ids[id_offsets[i]:id_offsets[i + 1]], pos[pos_offsets[i]:pos_offsets[i + 1]])
         for i, sample_id in enumerate(sample_ids)
@@ -56,10 +74,13 @@ def _save_disk(path: pathlib.Path, encoded: dict[str, Encoded]) -> None:
         "reward_pos": torch.tensor([p for e in encoded.values() for p in e.reward_pos], dtype=torch.int64),
         "pos_offsets": torch.from_numpy(np.cumsum([0] + [len(e.reward_pos) for e in encoded.values()])),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"sample_ids": json.dumps(sample_ids)})
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file, never a part
+    # Atomic (a concurrent reader sees the old or the new file, never a part) and with the permissions of any file
+    # the user writes (the umask's), so a shared cache folder stays readable to the team.
+    try:
+        write_bytes_atomic(path, save(tensors, metadata={"sample_ids": json.dumps(sample_ids)}))
+    except FileWriteError as err:
+        hint = "free some space or pass a --cache-dir (cache_dir=) elsewhere"
+        raise FileWriteError(path, err.os_error, hint) from None
 
 
 def encode_dataset(
@@ -74,6 +95,7 @@ def encode_dataset(
     memory = _ENCODED.setdefault(key, {})
     on_disk = None
     if cache_dir is not None:
+        check_output_dir(cache_dir)  # a file there, or a folder that cannot be written: named now
         path = _disk_path(cache_dir, key)
         if str(path) not in _ON_DISK:
             stored = _load_disk(path) if path.exists() else {}

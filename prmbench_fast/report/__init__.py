@@ -9,13 +9,13 @@ written before analyses were stored, pass ``data=`` (the PRMBench data) and the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import textwrap
 from typing import Any, Mapping, Sequence
 
-from ..io import write_text_atomic
+from ..io import FileError, read_json, write_bytes_atomic, write_text_atomic
+from ..ratios import TABLE_COLUMNS
 from .leaderboard import leaderboard_text, published
 
 __all__ = ["RunView", "load_run", "summary_text", "write_report"]
@@ -63,7 +63,8 @@ def load_run(path: str | os.PathLike, *, data: str | os.PathLike | None = None, 
     report_file = path / "report.json"
     if not report_file.is_file():
         raise FileNotFoundError(f"{path} is not a run folder: no report.json (write one with score/evaluate --output-dir)")
-    report = json.loads(report_file.read_text(encoding="utf-8"))
+    report = read_json(report_file)
+    _check_layout(report, report_file)
     view = RunView(name or path.resolve().name, path, report, report.get("analysis") or {})
     if not view.analysis and not view.is_bon:
         if data is not None and (path / "results.jsonl").is_file():
@@ -71,6 +72,27 @@ def load_run(path: str | os.PathLike, *, data: str | os.PathLike | None = None, 
         else:
             view.note = "no analyses in report.json; pass the data (report --data) to compute them from results.jsonl"
     return view
+
+
+def _check_layout(report: Any, report_file: pathlib.Path) -> None:
+    """Raise FileError naming ``report_file`` unless it has the layout score/evaluate --output-dir write."""
+    def bad(problem: str) -> FileError:
+        return FileError(report_file, None, None, f"{problem}: not a report.json of score/evaluate --output-dir "
+                         "(or of another version); write it again with `prmbench-fast evaluate --predictions "
+                         "<its results.jsonl> --output-dir <folder>`")
+
+    if not isinstance(report, dict):
+        raise bad(f"a JSON {type(report).__name__}, expected an object")
+    for key in ("official", "table", "run", "diagnostics", "analysis"):
+        if report.get(key) is not None and not isinstance(report[key], dict):
+            raise bad(f"'{key}' is a JSON {type(report[key]).__name__}, expected an object")
+    if not isinstance(report.get("official"), dict):
+        raise bad("no 'official' results")
+    if "pass_at_n" in report["official"]:
+        return  # BoN: its own layout, shown as it is
+    missing = [c for c in TABLE_COLUMNS if c not in report.get("table", {})]
+    if missing:
+        raise bad(f"'table' lacks the column(s) {', '.join(missing)}")
 
 
 def _analysis_from_results(view: RunView, data) -> dict[str, Any]:
@@ -87,7 +109,8 @@ def _analysis_from_results(view: RunView, data) -> dict[str, Any]:
     # The run's threshold: in report.json's settings, else in the run's identity (run.json of score --output-dir).
     threshold = view.settings.get("validity_threshold")
     if threshold is None and (view.path / "run.json").is_file():
-        threshold = json.loads((view.path / "run.json").read_text(encoding="utf-8")).get("validity_threshold")
+        identity = read_json(view.path / "run.json")
+        threshold = identity.get("validity_threshold") if isinstance(identity, dict) else None
     return analyze(dataset, report, validity_threshold=threshold)
 
 
@@ -140,15 +163,21 @@ def write_report(
     paths = [pathlib.Path(p) for p in run_dirs]
     runs = [load_run(p, data=data, name=n) for p, n in zip(paths, _run_names(paths))]
     output = pathlib.Path(output) if output is not None else paths[0] / "report.html"
-    figures = _figures(runs)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        figures = _figures(runs)
+        page = render(runs, figures, __version__)
+    except (KeyError, TypeError, IndexError) as err:
+        # The top level was checked on reading; a part deeper down (an analysis) has another layout.
+        files = ", ".join(str(run.path / "report.json") for run in runs)
+        raise FileError(files, None, None, f"an entry of another layout ({type(err).__name__}: {err}); write the run "
+                        "folder again with this version (score/evaluate --output-dir)") from None
     for name in FIGURES:
         png_file = output.parent / f"{output.stem}.{name}.png"
         if name in figures:
-            png_file.write_bytes(figures[name])
+            write_bytes_atomic(png_file, figures[name])  # never a truncated PNG, whatever stops the write
         else:
             png_file.unlink(missing_ok=True)  # a figure of an earlier report that this one does not have
-    write_text_atomic(output, render(runs, figures, __version__))
+    write_text_atomic(output, page)
     return output
 
 
