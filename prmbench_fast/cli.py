@@ -8,6 +8,7 @@ problem``, and exit status 2, without a traceback. Ctrl-C exits with status 130;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import pathlib
@@ -61,18 +62,20 @@ def _print_unknown_ids(unknown: list[str]) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .io import PredictionFileError, check_output_dir, check_output_file, read_predictions, write_json_atomic
+    from .io import PredictionFileError, check_output_dir, check_output_file, read_prediction_lines, write_json_atomic
     from .tasks import get_task
 
     if args.output:
         check_output_file(args.output)  # before any work
+        _check_not_an_input(args.output, args)
     if args.output_dir:
         check_output_dir(args.output_dir)
     if args.only_predicted and args.task != "prmbench":
         raise ValueError(f"--only-predicted applies to --task prmbench only; the {args.task} task scores its own samples")
     task = get_task(args.task)
     dataset = task.load(args.data)
-    predictions = read_predictions(args.predictions)
+    lines = read_prediction_lines(args.predictions)
+    predictions = [record for _, record in lines]
     if not predictions:
         raise PredictionFileError(args.predictions, None, None, "no predictions (the file is empty)")
     predicted = {r["idx"] for r in predictions}
@@ -81,61 +84,134 @@ def _evaluate(args: argparse.Namespace) -> int:
                                   f"the data (e.g. {predictions[0]['idx']!r})")
     if args.only_predicted:
         dataset = dataset.restrict_to(predicted)
+    with contextlib.ExitStack() as stack:
+        # The run folder is claimed (identity and lock) before the work, and held until its files are written.
+        store = stack.enter_context(_evaluate_store(args, dataset)) if args.output_dir else None
+        with _naming_the_line(args.predictions, lines):
+            report = _evaluate_report(args, task, dataset, predictions)
+        content = report.to_json() if args.task == "bon" else {
+            "official": report.official, "table": report.table, "diagnostics": report.diagnostics}
+        _print_duplicates(predictions)
+        if args.output:
+            write_json_atomic(args.output, content)
+            print(f"wrote {args.output}")
+        if store is not None:
+            _write_evaluate_run(args, store, dataset, report, predictions)
+    return 0
+
+
+def _check_not_an_input(output: str, args: argparse.Namespace) -> None:
+    from .io import check_not_an_input
+
+    check_not_an_input(output, {"--predictions": args.predictions, "--data": args.data})
+
+
+def _evaluate_report(args: argparse.Namespace, task, dataset, predictions: list[dict]):
+    """The task's report on the predictions, its table and summary printed."""
     if args.task == "bon":
         report = task.evaluate(dataset, predictions, seed=args.seed)
         print(report.format_table())
         print(f"\nrandom tie-breaks seeded with {report.seed}")
         _print_unknown_ids(report.diagnostics["unknown_prediction_ids"])
-        content = report.to_json()
+        return report
+    report = task.evaluate(
+        dataset,
+        predictions,
+        validity_threshold=args.validity_threshold,
+        redundancy_threshold=args.redundancy_threshold,
+        backend=args.backend,
+        keep_scores=bool(args.output_dir),  # the run folder's analyses read the scores
+    )
+    print(report.format_table())
+    diag = report.diagnostics
+    print(
+        f"\n{len(report.sample_ids)} samples scored of {diag['samples']}; missing {len(diag['missing_ids'])}, "
+        f"invalid {len(diag['invalid_predictions'])}, steps left unscored {diag['steps_left_unscored']}, "
+        f"extra labels {diag['extra_labels']}"
+    )
+    _print_unknown_ids(diag.get("unknown_prediction_ids", []))
+    return report
+
+
+@contextlib.contextmanager
+def _naming_the_line(path: str, lines: list[tuple[int, dict]]):
+    """A PredictionError about one sample's prediction becomes a PredictionFileError naming the file and the line
+    (the first line of that id: the one the evaluator reads)."""
+    from .io import PredictionFileError
+    from .predictions import PredictionError
+
+    try:
+        yield
+    except PredictionError as err:
+        if err.sample_id is None:
+            raise
+        line = next(number for number, record in lines if record["idx"] == err.sample_id)
+        raise PredictionFileError(path, line, None, str(err)) from None
+
+
+def _print_duplicates(predictions: list[dict]) -> None:
+    """How many ids have more than one prediction, and how many of those disagree with the first (which is used)."""
+    first: dict[str, dict] = {}
+    repeated: set[str] = set()
+    conflicting: set[str] = set()
+    for record in predictions:
+        kept = first.setdefault(record["idx"], record)
+        if kept is not record:
+            repeated.add(record["idx"])
+            if _prediction_of(record) != _prediction_of(kept):
+                conflicting.add(record["idx"])
+    if repeated:
+        print(f"{len(repeated)} prediction id(s) appear more than once, {len(conflicting)} of them with different "
+              "predictions; the first line of each id is used, as the official evaluator does")
+
+
+def _prediction_of(record: dict) -> tuple:
+    return record.get("validity", True), record.get("scores")
+
+
+def _evaluate_store(args: argparse.Namespace, dataset):
+    """The evaluate run folder's store: its identity is the predictions file's content and the evaluation settings,
+    so a score or critic run folder, or another evaluation's, is never written over (unless --overwrite)."""
+    import hashlib
+
+    from .results_store import ResultsStore
+
+    identity = {"task": args.task, "data": dataset.content_hash,
+                "predictions": hashlib.sha256(pathlib.Path(args.predictions).read_bytes()).hexdigest(),
+                "only_predicted": args.only_predicted}
+    if args.task == "bon":
+        identity["seed"] = args.seed
     else:
-        report = task.evaluate(
-            dataset,
-            predictions,
-            validity_threshold=args.validity_threshold,
-            redundancy_threshold=args.redundancy_threshold,
-            backend=args.backend,
-            keep_scores=bool(args.output_dir),  # the run folder's analyses read the scores
-        )
-        print(report.format_table())
-        diag = report.diagnostics
-        print(
-            f"\n{len(report.sample_ids)} samples scored of {diag['samples']}; missing {len(diag['missing_ids'])}, "
-            f"invalid {len(diag['invalid_predictions'])}, steps left unscored {diag['steps_left_unscored']}, "
-            f"extra labels {diag['extra_labels']}"
-        )
-        _print_unknown_ids(diag.get("unknown_prediction_ids", []))
-        content = {"official": report.official, "table": report.table, "diagnostics": diag}
-    if args.output:
-        write_json_atomic(args.output, content)
-        print(f"wrote {args.output}")
-    if args.output_dir:
-        _write_evaluate_run(args, dataset, report, predictions)
-    return 0
+        identity.update(validity_threshold=args.validity_threshold, redundancy_threshold=args.redundancy_threshold)
+    return ResultsStore(args.output_dir, identity, overwrite=args.overwrite, kind="evaluate")
 
 
-def _write_evaluate_run(args: argparse.Namespace, dataset, report, predictions: list[dict]) -> None:
+def _write_evaluate_run(args: argparse.Namespace, store, dataset, report, predictions: list[dict]) -> None:
     """A run folder like score's: results.jsonl (the prediction lines read), report.json (with the analyses) and
     table.txt, so that `prmbench-fast report` works on predictions made by any tool."""
-    import json
-
-    from .io import prepare_output_dir, write_json_atomic, write_text_atomic
-
-    folder = prepare_output_dir(args.output_dir)
     report.run = {"task": args.task, "data": args.data, "predictions": str(args.predictions)}
     if args.task != "bon":
         from .analysis import analyze
 
         report.run.update(validity_threshold=args.validity_threshold, redundancy_threshold=args.redundancy_threshold)
         report.analysis = analyze(dataset, report)
-    write_text_atomic(folder / "results.jsonl", "".join(json.dumps(r) + "\n" for r in predictions))
-    write_json_atomic(folder / "report.json", report.to_json())
-    write_text_atomic(folder / "table.txt", report.format_table() + "\n")
-    print(f"wrote the run folder {folder} (results.jsonl, report.json, table.txt); HTML: prmbench-fast report {folder}")
+    store.replace_results(predictions)  # an evaluation is redone, never resumed: the folder holds this one's lines
+    store.write_report(report)
+    print(f"wrote the run folder {store.dir} (results.jsonl, report.json, table.txt); HTML: prmbench-fast report "
+          f"{store.dir}")
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .io import check_not_an_input
     from .report import write_report
 
+    if args.output:
+        # Never write the page over a file the report reads (a run folder's report.json or results, the data).
+        inputs = {"--data": args.data}
+        for run_dir in args.run_dirs:
+            for name in ("report.json", "run.json", "results.jsonl", "table.txt"):
+                inputs[f"{run_dir}'s {name}"] = os.path.join(run_dir, name)
+        check_not_an_input(args.output, inputs)
     path = write_report(args.run_dirs, args.output, data=args.data)
     print(f"wrote {path} (its figures as PNG files beside it)")
     return 0
@@ -143,17 +219,56 @@ def _report(args: argparse.Namespace) -> int:
 
 def _check_score_args(args: argparse.Namespace) -> None:
     """What can be checked before loading data or a model: the output folder, the model folder, the device."""
-    from .io import check_output_dir, looks_like_hub_id
+    from .io import check_checkpoint_files, check_output_dir, looks_like_hub_id
     from .models import check_device, check_model_folder
 
-    if args.critic and not args.api_model:
-        raise ValueError("--critic needs --api-model (the model name the endpoint serves)")
+    if args.critic:
+        _check_critic_args(args)
+    else:
+        _check_prm_args(args)
     if args.output_dir:
         check_output_dir(args.output_dir)
+    if args.cache_dir:
+        check_output_dir(args.cache_dir)
     if args.model is not None and (os.path.exists(args.model) or not looks_like_hub_id(args.model)):
         check_model_folder(args.model)
+        check_checkpoint_files(args.model)
     if args.device:
         check_device(args.device)
+
+
+#: Options of a PRM run (a checkpoint scored locally) and of a critic run (an endpoint asked), by their attribute;
+#: given to the other kind of run they would be silently ignored, so they are refused.
+PRM_OPTIONS = ("model", "family", "max_length", "batch_tokens", "dtype", "device", "backend", "cache_dir",
+               "validity_threshold", "redundancy_threshold")
+CRITIC_OPTIONS = ("api_base", "api_model", "shots", "concurrency", "timeout", "max_retries", "retry_invalid")
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """The options among ``names`` given a value other than their default, as their flags."""
+    defaults = vars(build_parser().parse_args(["score"]))
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != defaults[n]]
+
+
+def _check_critic_args(args: argparse.Namespace) -> None:
+    if not args.api_model:
+        raise ValueError("--critic needs --api-model (the model name the endpoint serves)")
+    if args.task != "prmbench":
+        raise ValueError(f"--critic scores --task prmbench only, not {args.task}")
+    prm_only = _given(args, PRM_OPTIONS)
+    if prm_only:
+        raise ValueError(f"{', '.join(prm_only)}: for PRM checkpoints, not for --critic (a critic is the model "
+                         "--api-model names at --api-base; its labels are score > 0, as in the official adapters)")
+    if args.api_base:
+        from .critic import check_api_base
+
+        check_api_base(args.api_base)
+
+
+def _check_prm_args(args: argparse.Namespace) -> None:
+    critic_only = _given(args, CRITIC_OPTIONS)
+    if critic_only:
+        raise ValueError(f"{', '.join(critic_only)}: for --critic runs only (add --critic to ask an endpoint)")
 
 
 def _score_critic(args: argparse.Namespace, dataset) -> int:
@@ -176,11 +291,6 @@ def _score(args: argparse.Namespace) -> int:
     _check_score_args(args)
     dataset = load_prmbench(args.data, task=args.task, limit_per_class=args.limit_per_class)
     if args.critic:
-        if args.task != "prmbench":
-            raise ValueError(f"--critic scores --task prmbench only, not {args.task}")
-        if args.validity_threshold is not None or args.redundancy_threshold is not None:
-            raise ValueError("--validity-threshold/--redundancy-threshold apply to PRM families; a critic's labels are "
-                             "score > 0, as in the official critic adapters")
         return _score_critic(args, dataset)
 
     import torch
@@ -255,7 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", required=True, help="jsonl (or .jsonl.gz) of official result lines")
     ev.add_argument("--output", help="write the report JSON here (atomically)")
     ev.add_argument("--output-dir", help="write a run folder like score's (results.jsonl, report.json with the "
-                    "analyses, table.txt) for `prmbench-fast report`")
+                    "analyses, table.txt) for `prmbench-fast report`; a folder of another run (score, critic, or an "
+                    "evaluation of other predictions or settings) is refused")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="replace the --output-dir folder's run (needed when it holds another run)")
     ev.add_argument("--seed", type=int, default=0, help="--task bon: seed of the random tie-breaks")
     ev.add_argument(
         "--only-predicted", action="store_true",
@@ -269,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_evaluate)
 
     sc = commands.add_parser("score", help="run a PRM on PRMBench and print the leaderboard row")
-    sc.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct as an lm_judge)")
+    sc.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct as an lm_judge); "
+                    "not with --critic, whose model is --api-model")
     sc.add_argument("--family", default="auto", help="PRM family (default: from the model's config and name)")
     sc.add_argument("--data", default=None, help="PRMBench jsonl file, folder or hub id (default: $PRMBENCH_DATA, else the "
                     "hub); for --task bon, the BoN jsonl file or folder")
@@ -330,11 +444,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _warning_printer(default):
-    """``warnings.showwarning`` that prints the package's file warnings as ``prmbench-fast: warning: <message>``
-    (they already name the file and line) and leaves every other warning to ``default``."""
+    """``warnings.showwarning`` that prints the package's file and threshold warnings as ``prmbench-fast: warning:
+    <message>`` (they already name the file and line, or the threshold) and leaves every other warning to
+    ``default``."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, FileWarning):
+        from .predictions import ThresholdWarning  # here: the command's start does not import torch
+
+        if issubclass(category, (FileWarning, ThresholdWarning)):
             print(f"prmbench-fast: warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 from .data import PRMBenchDataset, Sample, load_prmbench
 from .evaluate import Report, evaluate
 from .families.text import clean_step
+from .io import FileWriteError
 from .results_store import ResultsStore, ordered_predictions
 
 RESPONSES_FILE = "responses.jsonl"
@@ -135,8 +136,9 @@ PROMPT_VERSION = hashlib.sha256(
 
 
 class CriticEndpointError(ConnectionError):
-    """The endpoint refuses every request (bad key, no access, unknown model or path): the run stops, and nothing
-    is stored for the samples in flight, because storing them invalid would keep a resume from asking again."""
+    """The endpoint refuses every request (bad key, no access, unknown model or path) or cannot be reached (a closed
+    port, an unknown host): the run stops, and nothing is stored for the samples in flight, because storing them
+    invalid would keep a resume from asking again."""
 
 
 # --------------------------------------------------------------------------------------------------- prompt
@@ -347,11 +349,39 @@ class _Asker:
                     break
             except Exception as err:  # noqa: BLE001 timeouts, connection errors, malformed bodies, unusable scores
                 errors.append(f"{type(err).__name__}: {self.mask(_short(err))}")
+                if _unreachable(err) and attempt == self.max_retries:
+                    # No answer ever arrived: not the model's answer, so never stored as an invalid prediction.
+                    raise CriticEndpointError(
+                        f"{self.endpoint} cannot be reached ({self.mask(_short(_cause(err)))}) after {attempt} "
+                        "attempt(s); check --api-base (or $OPENAI_BASE_URL) and that the server is running, then "
+                        "run the same command again to resume"
+                    ) from None
             if attempt < self.max_retries:
                 # The official backoff: retry_interval * (1 + failures so far). The wait ends early on a stop.
                 self.stop.wait(self.retry_interval * (1 + len(errors)))
         return _Outcome({"validity": False, "idx": sample.id}, text, False, len(errors), errors, prompt_tokens,
                         completion_tokens)
+
+
+def _unreachable(err: BaseException) -> bool:
+    """A connection that could not be made or broke before an answer; a timeout is not one (the server may be slow
+    on this sample only, and the official adapter stores the sample invalid)."""
+    import openai
+
+    return isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError)
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The underlying error of the client's generic "Connection error." (refused, unknown host, bad URL...)."""
+    return err.__cause__ or err
+
+
+def check_api_base(api_base: str) -> None:
+    """Raise ValueError unless ``api_base`` is an http(s) URL with a host (shown without credentials)."""
+    parts = urllib.parse.urlsplit(api_base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--api-base / api_base must be an http:// or https:// URL with a host, e.g. "
+                         f"http://localhost:8000/v1, got {public_url(api_base)!r}")
 
 
 def _short(err: BaseException, limit: int = 300) -> str:
@@ -440,9 +470,12 @@ class _ResponseLog:
     def write(self, sample_id: str, outcome: _Outcome) -> None:
         record = {"idx": sample_id, "response": outcome.response, "answered": outcome.answered,
                   "attempts": outcome.attempts, "errors": outcome.errors}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as err:  # a full disk: name the file (a torn line is cut at the next open)
+            raise FileWriteError(self.path, err) from None
 
     def close(self) -> None:
         self.file.close()
@@ -538,6 +571,11 @@ def score_critic(
     extra_body = dict(extra_body) if extra_body else None
     api_base = api_base or os.environ.get("OPENAI_BASE_URL") or None
     api_key = api_key or os.environ.get("OPENAI_API_KEY") or ""
+    if api_base:
+        check_api_base(api_base)
+    elif not api_key:
+        raise ValueError("no critic endpoint: pass --api-base (api_base=) or set $OPENAI_BASE_URL for a local server, "
+                         "or set $OPENAI_API_KEY for the OpenAI API")
     client_options: dict[str, Any] = {"api_key": api_key or "EMPTY", "max_retries": 0, "timeout": timeout}
     if api_base:
         client_options["base_url"] = api_base
@@ -550,7 +588,7 @@ def score_critic(
         identity = {"family": "critic", "endpoint": endpoint, "model": api_model, "prompt": PROMPT_VERSION,
                     "shots": shots, "system_role": system_role, "temperature": temperature, "max_tokens": max_tokens,
                     "extra_body": extra_body}
-        store = ResultsStore(output_dir, identity, overwrite=overwrite)
+        store = ResultsStore(output_dir, identity, overwrite=overwrite, kind="critic")
     ask = _Asker(client, api_model=api_model, shots=shots, system_role=system_role, temperature=temperature,
                  max_retries=max_retries, retry_interval=retry_interval, max_tokens=max_tokens,
                  extra_body=extra_body, stop=threading.Event(), endpoint=endpoint,

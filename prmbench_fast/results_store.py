@@ -1,9 +1,11 @@
 """A run's output folder: per-sample results as they finish, so an interrupted run resumes where it stopped.
 
 Layout of ``output_dir``:
-    run.json              the run's identity: what its results depend on (model name, weights fingerprint, family and
-                          options, task, thresholds, max_length, dtype; for a critic its endpoint, model, prompt...).
-                          A resume with another identity is refused unless ``overwrite`` starts the run over
+    run.json              the run's identity: its kind (the tool that writes the folder: "score", "critic" or
+                          "evaluate") and what its results depend on (model name, weights fingerprint, family and
+                          options, task, thresholds, max_length, dtype; for a critic its endpoint, model, prompt...;
+                          for evaluate the predictions file). A run of another kind or identity is refused unless
+                          ``overwrite`` starts the run over
     results.jsonl         one official result line per finished sample ({"idx", "scores": {...}}); rank r > 0 of a
                           distributed run writes results.rank<r>.jsonl
     results.lock          held (flock) by the process writing results.jsonl; rank r > 0: results.rank<r>.lock
@@ -12,7 +14,9 @@ Layout of ``output_dir``:
 
 Result lines are appended a batch at a time and fsync'ed, so a crash (even SIGKILL) loses at most the batch in flight;
 a torn last line is cut off on the next open. A line that cannot be a result (torn, not JSON, no ``idx``...) is
-skipped with a :class:`~prmbench_fast.io.FileWarning` naming file and line, never resumed. The files are the official
+skipped with a :class:`~prmbench_fast.io.FileWarning` naming file and line, never resumed; so is a line that parses
+but whose scores the evaluator cannot read (``{"idx": ..., "scores": {"foo": 1}}``, a label "yes"), and its sample
+is scored again. The files are the official
 toolkit's format: ``prmbench-fast evaluate`` and the official tools read them as they are.
 
 Under ``torch.distributed`` create rank 0's store first (it checks or writes run.json, and with ``overwrite`` clears
@@ -31,6 +35,7 @@ from typing import Any, Iterable
 from .io import (
     FileError,
     FileWarning,
+    append_synced,
     parse_json,
     prepare_output_dir,
     read_json,
@@ -77,6 +82,8 @@ class ResultsStore:
         output_dir: the run folder (created if needed).
         identity: what the results depend on, JSON-like (non-JSON values such as a ``torch.dtype`` are stored as
             their ``str``). Never put secrets in it: it is written to run.json and shown in error messages.
+        kind: the tool writing the folder ("score", "critic", "evaluate"), recorded in run.json: a folder belongs
+            to one kind of run, so another tool's run there is refused whatever its settings.
         rank: this process's rank under ``torch.distributed`` (0 otherwise).
         overwrite: on rank 0, delete the folder's results, report and run.json first (not ``cache/``) and start a new
             run with this identity.
@@ -91,11 +98,12 @@ class ResultsStore:
     """
 
     def __init__(self, output_dir: str | os.PathLike, identity: dict[str, Any], *, rank: int = 0,
-                 overwrite: bool = False):
+                 overwrite: bool = False, kind: str = "score"):
         self.dir = prepare_output_dir(output_dir)
         self.rank = rank
         self.path = results_file(self.dir, rank)
-        self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # tuples -> lists, dtypes -> str
+        # tuples -> lists, dtypes -> str
+        self.identity = json.loads(json.dumps({"kind": kind, **identity}, sort_keys=True, default=str))
         #: Ids of results in the folder that are not in the data given to :meth:`finished` (first seen first).
         self.unknown_ids: list[str] = []
         # A file object rather than a raw descriptor: a store that is never closed still releases its lock when it is
@@ -142,6 +150,13 @@ class ResultsStore:
             raise RunMismatchError(f"{err}; {_WAY_OUT}") from None
         if not isinstance(previous, dict):
             raise RunMismatchError(f"{run_file} is not a JSON object; {_WAY_OUT}")
+        # Folders written before run.json recorded a kind were written by score() or the critic.
+        previous_kind = previous.setdefault("kind", "critic" if previous.get("family") == "critic" else "score")
+        if previous_kind != self.identity["kind"]:
+            raise RunMismatchError(
+                f"{self.dir} holds a `{previous_kind}` run (see its {RUN_FILE}); a `{self.identity['kind']}` run "
+                f"cannot write there; {_WAY_OUT}"
+            )
         if previous != self.identity:
             raise RunMismatchError(
                 f"{self.dir} holds a run with other settings: {_differences(previous, self.identity)}; {_WAY_OUT}"
@@ -168,16 +183,21 @@ class ResultsStore:
 
         With ``dataset``, only results whose id is in it are returned; the others are listed in
         :attr:`unknown_ids` and reported in one :class:`~prmbench_fast.io.FileWarning` (their count and one example),
-        never counted as resumed. Lines that cannot be results are skipped, one warning per file naming the first.
+        never counted as resumed. Lines that cannot be results are skipped, one warning per file naming the first;
+        with ``dataset``, so are results the evaluator cannot read (one warning each, naming file and line).
         """
-        results: dict[str, dict[str, Any]] = {}
+        lines: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # id -> ("<file>, line N", result), in file order
         unknown: dict[str, None] = {}
         for path in sorted(self.dir.glob("results*.jsonl")):
-            for record in _read_results(path):
+            for number, record in _read_results(path):
                 if dataset is not None and record["idx"] not in dataset:
                     unknown.setdefault(record["idx"])
                 else:
-                    results.setdefault(record["idx"], record)
+                    lines.setdefault(record["idx"], []).append((f"{path}, line {number}", record))
+        if dataset is None:
+            results = {sample_id: found[0][1] for sample_id, found in lines.items()}
+        else:
+            results = _first_readable(dataset, lines)
         self.unknown_ids = list(unknown)
         if self.unknown_ids:
             warnings.warn(
@@ -188,11 +208,13 @@ class ResultsStore:
         return results
 
     def append(self, results: Iterable[dict[str, Any]]) -> None:
-        text = "".join(json.dumps(r) + "\n" for r in results)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append result lines, fsync'ed; a failure (a full disk) names the file, and the torn line it may leave is
+        cut on the next open."""
+        append_synced(self.path, "".join(json.dumps(r) + "\n" for r in results))
+
+    def replace_results(self, results: Iterable[dict[str, Any]]) -> None:
+        """This rank's results file replaced, atomically, by ``results`` (a run that is not resumed but redone)."""
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in results))
 
     def forget(self, sample_ids: Iterable[str]) -> None:
         """Remove the results of ``sample_ids`` from this rank's results file (rewritten atomically), so that they
@@ -253,15 +275,43 @@ def _line_idx(line: bytes) -> Any:
     return record.get("idx") if isinstance(record, dict) else None
 
 
-def _read_results(path: pathlib.Path) -> Iterable[dict[str, Any]]:
-    """The usable result lines of one results file; the others are skipped with one warning naming the first."""
+def _first_readable(dataset, lines: dict[str, list[tuple[str, dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    """The first result per id that the evaluator can read; a refused one (bad labels or scores) is skipped with a
+    warning naming its file and line, and the id's next line, if any, is taken instead (the first line of a sample
+    scored again after a skip is the bad one). The whole set is parsed once; after a refusal the rest is parsed
+    again, so the usual case (nothing bad) costs one parse."""
+    from .predictions import PredictionError, parse_results
+
+    results = {sample_id: found[0][1] for sample_id, found in lines.items()}
+    taken = dict.fromkeys(lines, 0)  # id -> index of its line in use
+    while results:
+        try:
+            parse_results(dataset, results)
+            break
+        except PredictionError as err:
+            sample_id = err.sample_id
+            if sample_id not in results:
+                raise
+            where = lines[sample_id][taken[sample_id]][0]
+            warnings.warn(f"{where}: {err}; skipped", FileWarning, stacklevel=4)
+            taken[sample_id] += 1
+            if taken[sample_id] < len(lines[sample_id]):
+                results[sample_id] = lines[sample_id][taken[sample_id]][1]
+            else:
+                del results[sample_id]
+    return results
+
+
+def _read_results(path: pathlib.Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """(line number, result) for the usable result lines of one results file; the others are skipped with one
+    warning naming the first."""
     bad: list[str] = []
     with open(path, "rb") as f:
         for number, data in enumerate(f, start=1):
             if data.strip():
                 record, problem = _parse_result_line(data, path, number)
                 if problem is None:
-                    yield record
+                    yield number, record
                 else:
                     bad.append(problem)
     if bad:

@@ -21,14 +21,13 @@ from .evaluate import Report, evaluate_steps
 from .families import Family, detect_family, family_class
 from .fingerprint import weights_fingerprint
 from .live_model import unwrap_model, whole_parameters
-from .io import looks_like_hub_id
+from .io import check_checkpoint_files, looks_like_hub_id
 from .models import check_device, check_model_folder
 from .packing import TokenizedSample, backbone_hidden_states
 from .predictions import StepPredictions, parse_results
 from .prefix_sharing import prefix_sharing_unsupported, shared_step_hidden
 from .results_store import ResultsStore
-from .tasks import get_task
-from .tasks.bon import BoNDataset
+from .tasks import check_task_dataset, get_task
 from .token_cache import encode_dataset, packed_batches
 
 def _model_name(model: torch.nn.Module) -> str:
@@ -175,12 +174,14 @@ def score(
     same report.
 
     Raises:
-        TypeError: a dataset that is not a ``PRMBenchDataset``, a tokenizer given as a path.
-        ValueError: a live model without ``tokenizer``, a family that does not fit the model, a run folder with
+        TypeError: a dataset that is not the task's data (PRMBench data for "prmbench"/"subset400", BoN data for
+            "bon"), a tokenizer given as a path, a max_length or batch_tokens that is not a positive int.
+        ValueError: a live model without ``tokenizer``, a tokenizer with more tokens than the model's embedding,
+            a checkpoint file that is truncated or not JSON (``FileError`` naming it), a threshold outside the
+            family's score range, a family that does not fit the model, a run folder with
             another identity (``RunMismatchError``) or in use by another process (``RunLockedError``).
     """
-    if dataset is not None and not isinstance(dataset, (PRMBenchDataset, BoNDataset)):
-        raise TypeError(f"dataset must come from prmbench_fast.load_prmbench, got {type(dataset).__name__}")
+    _check_arguments(dataset, task=task, max_length=max_length, batch_tokens=batch_tokens, model=model)
     if family == "critic":
         # An LLM prompted as a critic behind an OpenAI-compatible API: `model` is the served model's name.
         from .critic import score_critic
@@ -200,6 +201,7 @@ def score(
             raise ValueError("score() on a live model needs its tokenizer: pass tokenizer=")
         if family == "auto":
             family = detect_family(getattr(model, "config", None), _model_name(model))
+    _check_vocabulary(model, tokenizer)
     cls = family_class(family)
     if cls.takes_max_length:
         family_options["max_length"] = max_length
@@ -269,6 +271,28 @@ def score(
                 report.analysis = analyze(dataset, report, validity_threshold=fam.validity_threshold)
             store.write_report(report)
     return report
+
+
+def _check_arguments(dataset, *, task: str, max_length: Any, batch_tokens: Any, model: Any) -> None:
+    """score()'s argument errors, named at the call rather than deep in the pipeline."""
+    get_task(task)  # an unknown task: a ValueError listing the tasks
+    if dataset is not None:
+        check_task_dataset(task, dataset)
+    for name, value in (("max_length", max_length), ("batch_tokens", batch_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TypeError(f"{name} must be a positive int (a number of tokens), got {value!r}")
+    if isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
+        check_checkpoint_files(model)
+
+
+def _check_vocabulary(model: torch.nn.Module, tokenizer: Any) -> None:
+    """A tokenizer with more tokens than the model's embedding has rows would index past it (an IndexError in the
+    middle of a run, or a device assert on GPU): the tokenizer is not the model's."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: the "
+                         f"tokenizer is not this model's ({_model_name(model)}); pass the model's own tokenizer")
 
 
 class _Run:
