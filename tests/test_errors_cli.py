@@ -3,6 +3,7 @@ prints no traceback, and says in one line what is wrong, naming the file (and th
 Cases needing an unreadable file or an unwritable folder run as the user 'nobody' when the tests run as root (root
 reads and writes everything)."""
 
+import functools
 import gzip
 import json
 import os
@@ -78,7 +79,24 @@ def run(args, *, as_nobody=False, home=None):
             pytest.skip("running as root without setpriv: cannot make a file unreadable")
         command = NOBODY + command
         env["HOME"] = str(home)
+        why_not = nobody_cannot_run_the_command(str(home))
+        if why_not:
+            pytest.skip(why_not)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@functools.cache
+def nobody_cannot_run_the_command(home: str) -> str | None:
+    """Why the user 'nobody' cannot run the command from this checkout (None if it can): a folder on the way to the
+    interpreter, the virtual environment or the repository that 'nobody' may not traverse (a clone under a
+    `mktemp -d` folder or a 0700 home directory)."""
+    env = dict(os.environ, HOME=home, HF_HUB_OFFLINE="1")
+    done = subprocess.run([*NOBODY, str(PRMBENCH_FAST), "--help"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode == 0:
+        return None
+    last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+    return f"the user 'nobody' cannot run {PRMBENCH_FAST} from this checkout's location ({last})"
 
 
 # (case id, arguments with {d} for the folder, expected one-line message as a regex with {d} for the folder)
@@ -210,12 +228,12 @@ def server(serve):
 
 def test_a_folder_of_another_run_or_in_use(tmp_path, files, server):
     out = tmp_path / "run"
-    ResultsStore(out, {"family": "critic", "model": "another"}).close()
+    ResultsStore(out, {"family": "critic", "model": "another"}, kind="critic").close()
     done = run(critic_args(files, server, out))
     assert_one_line_error(done, rf"{re.escape(str(out))} holds a run with other settings: .*model: \"another\" -> "
                                 r"\"m\".*; pass --overwrite")
     assert server.calls == {}
-    with ResultsStore(out, {"family": "critic", "model": "another"}):
+    with ResultsStore(out, {"family": "critic", "model": "another"}, kind="critic"):
         done = run(critic_args(files, server, out) + ["--overwrite"])
     assert_one_line_error(done, rf"{re.escape(str(out))} is in use: process {os.getpid()} is writing results there")
     assert server.calls == {}

@@ -166,7 +166,7 @@ def result(sample_id):
 def test_identity_is_recorded_and_a_resume_with_the_same_one_works(tmp_path):
     with ResultsStore(tmp_path, IDENTITY) as store:
         store.append([result("circular_p0"), result("circular_p1")])
-    assert json.loads((tmp_path / "run.json").read_text()) == {**IDENTITY, "dtype": "torch.float32"}
+    assert json.loads((tmp_path / "run.json").read_text()) == {"kind": "score", **IDENTITY, "dtype": "torch.float32"}
     with ResultsStore(tmp_path, dict(IDENTITY)) as store:
         assert list(store.finished(DATASET)) == ["circular_p0", "circular_p1"]
 
