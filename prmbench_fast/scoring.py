@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from .data import PRMBenchDataset, load_prmbench
 from .distributed import gather_predictions, rank_and_world
 from .evaluate import Report, evaluate_steps
-from .families import Family, detect_family, family_class
+from .families import Family, detect_family, family_class, precision
 from .fingerprint import weights_fingerprint
 from .live_model import unwrap_model, whole_parameters
 from .io import check_checkpoint_files, looks_like_hub_id
@@ -154,8 +155,10 @@ def score(
         cache_dir: keep tokenized samples on disk (safetensors, keyed by family, options and tokenizer) across
             processes; default ``output_dir/cache`` when an output_dir is given. In-memory caching is always on.
         share_prefixes: compute each prefix shared by a problem's variants once, from its KV cache
-            (``prmbench_fast.prefix_sharing``); scores equal the unshared pipeline's within fp32 rounding. Default
-            (None): on for causal decoders that support it, off otherwise.
+            (``prmbench_fast.prefix_sharing``); scores equal the unshared pipeline's within fp32 rounding (in bf16
+            within a bf16 ulp of the hidden states). Default (None): on for causal decoders that support it, off
+            otherwise, and off (with a one-line warning) when the family was asked for an official precision
+            (``official_mixed_precision``/``official_rounding``), whose numbers only the unshared pipeline gives.
         progress: show a progress bar with tokens/s and ETA.
         task: "prmbench", "subset400" (``dataset`` from ``load_prmbench(task="subset400")``; scored with that task's
             evaluator) or "bon" (``dataset`` from ``load_prmbench(path, task="bon")``; returns the BoN report).
@@ -226,7 +229,7 @@ def score(
             if cache_dir is None:
                 cache_dir = store.dir / "cache"  # a resumed run does not tokenize again
         todo = [i for i, s in enumerate(dataset.samples) if s.id not in finished][rank::world]
-        share = prefix_sharing_unsupported(model) is None if share_prefixes is None else share_prefixes
+        share, sharing_note = _share_prefixes(model, fam, share_prefixes)
         if share:
             units, tokens = _shared_units(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
                                           cache_dir=cache_dir)
@@ -255,6 +258,7 @@ def score(
             "tokens": tokens,
             "tokens_computed": run.tokens_computed,
             "prefix_sharing": share,
+            "prefix_sharing_note": sharing_note,
             "seconds": run.seconds,
             "tokens_per_second": tokens / run.seconds if run.seconds > 0 else None,
             "samples_per_second": len(todo) / run.seconds if run.seconds > 0 else None,
@@ -293,6 +297,17 @@ def _check_vocabulary(model: torch.nn.Module, tokenizer: Any) -> None:
     if rows is not None and len(tokenizer) > rows:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: the "
                          f"tokenizer is not this model's ({_model_name(model)}); pass the model's own tokenizer")
+
+
+def _share_prefixes(model: torch.nn.Module, fam: Family, requested: bool | None) -> tuple[bool, str | None]:
+    """(whether to share prefixes, why not when the default turned it off for the family's precision)."""
+    if requested is not None:
+        return requested, None
+    note = precision.prefix_sharing_note(fam)
+    if note is not None:
+        warnings.warn(note, stacklevel=3)
+        return False, note
+    return prefix_sharing_unsupported(model) is None, None
 
 
 class _Run:

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast, Qwen2Config
 
+from conftest import PRMBENCH_JSONL
 from family_testing import bpe_tokenizer, hand_samples, make_sample, packed_outputs, tiny_model
+from prmbench_fast import load_prmbench, score
 from prmbench_fast.data import Sample
-from prmbench_fast.families import FamilyError, family_class
+from prmbench_fast.families import FamilyError, family_class, precision
 from prmbench_fast.families.qwen_prm import Qwen2ForProcessRewardModel, QwenPRMFamily
 
 QWEN_TEMPLATE = (
@@ -243,3 +245,59 @@ def test_errors_name_the_family_and_sample(tokenizer):
     bad = make_sample(9, "q", ("a step that spells <extra_0> itself",))
     with pytest.raises(FamilyError, match="qwen_prm.*correct_t9.*2 '<extra_0>' tokens for 1 steps"):
         family.encode(bad)
+
+
+# -- official precision through score(): the official numbers, so no prefix sharing by default ------------------------
+OFFICIAL_MAX_LENGTH = 800  # byte-level ids of this tiny tokenizer: the template, the question and several steps
+
+
+@pytest.mark.parametrize(
+    "options, mode",
+    [(dict(official_mixed_precision="bf16"), "bf16"), (dict(official_mixed_precision="no"), "no"),
+     (dict(official_rounding=True), "no")],
+    ids=["bf16", "no", "official_rounding"],
+)  # fmt: skip
+def test_official_precision_through_score_gives_the_official_numbers(tokenizer, model, options, mode):
+    # Complete problem groups: every variant of a problem shares its template, question and first steps, so prefix
+    # sharing would apply. It computes a prefix's keys in a forward call of another shape, which moves bf16 hidden
+    # states by up to a bf16 ulp, so with an official precision asked for, score() does not share by default.
+    data = load_prmbench(PRMBENCH_JSONL, limit_per_class=1)
+    bf16 = _bf16_head_model(model)
+    with pytest.warns(UserWarning, match="official_mixed_precision=.*prefix sharing"):
+        report = score(bf16, data, tokenizer=tokenizer, family="qwen_prm", max_length=OFFICIAL_MAX_LENGTH,
+                       progress=False, **options)  # fmt: skip
+    assert report.run["prefix_sharing"] is False and "share_prefixes=True" in report.run["prefix_sharing_note"]
+    family = QwenPRMFamily(tokenizer)
+    official, steps = {}, 0
+    for sample in data:
+        ids = torch.tensor([family.encode(sample).input_ids[:OFFICIAL_MAX_LENGTH]])
+        with torch.no_grad():
+            logits = bf16(ids, torch.ones_like(ids))  # the official respond(): bf16 head logits
+        probs = F.softmax(logits.float() if mode == "bf16" else logits, dim=-1)[0, ids[0] == family.separator_id, 1]
+        official[sample.id] = probs.float().tolist()
+        steps += len(official[sample.id])
+        # Bit for bit: the same bf16 forward, one sample per segment, and the official softmax and rounding.
+        assert report.predictions[sample.id]["scores"]["step_level_validity_scores"] == official[sample.id], sample.id
+    assert steps > 50
+    # Asked for explicitly, sharing runs (and, in bf16, is what moves the numbers off the official ones).
+    shared = score(bf16, data, tokenizer=tokenizer, family="qwen_prm", max_length=OFFICIAL_MAX_LENGTH, progress=False,
+                   share_prefixes=True, **options)  # fmt: skip
+    assert shared.run["prefix_sharing"] and shared.run["prefix_sharing_note"] is None
+    assert shared.run["tokens_computed"] < shared.run["tokens"]
+    moved = sum(shared.predictions[i]["scores"]["step_level_validity_scores"] != official[i] for i in official)
+    assert moved > 0
+
+
+@pytest.mark.parametrize("family_name, options", [
+    ("qwen_prm", {}), ("pure_prm", {}), ("reasoneval", {"size": "7B"}),
+])  # fmt: skip
+def test_only_an_official_precision_turns_sharing_off(tokenizer, family_name, options):
+    cls = family_class(family_name)
+    assert precision.prefix_sharing_note(object()) is None
+    for asked in (dict(official_mixed_precision="bf16"), dict(official_mixed_precision="no"),
+                  dict(official_rounding=True)):  # fmt: skip
+        family = cls.__new__(cls)
+        family.name, family.mixed_precision = family_name, precision.official_mixed_precision(family_name, asked)
+        assert family_name in precision.prefix_sharing_note(family)
+    family.mixed_precision = None
+    assert precision.prefix_sharing_note(family) is None

@@ -13,6 +13,12 @@ The family option ``official_mixed_precision="bf16"`` or ``"no"`` reproduces one
 is the earlier spelling of ``"no"``. They apply to a half-precision model, as the official runs load it: an fp32 model
 has no bf16 rounding to reproduce and scores as by default. By default the head and the softmax run in fp32 on the
 backbone's hidden states (the "exact" reading, within a bf16 ulp or two of either official setting).
+
+The official numbers also need the official hidden states. The packed, unshared pipeline gives them (measured equal
+to the official ``respond()`` bit for bit in bf16); prefix sharing computes a prefix's keys in an earlier forward
+call of another shape, which moves bf16 hidden states by up to a bf16 ulp (5-18 % of the scores by up to 0.009 on
+tiny bf16 models, and a label at an exact 0.5 tie flipped). So ``score()`` turns prefix sharing off by default when
+an official setting is asked for (:func:`prefix_sharing_note`); ``share_prefixes=True`` still turns it on.
 """
 
 from __future__ import annotations
@@ -62,3 +68,12 @@ def official_probabilities(
     """
     probs = torch.softmax(head(rows.to(dtype)).float(), dim=-1)
     return probs if mixed_precision == "bf16" else probs.to(dtype)
+
+
+def prefix_sharing_note(family: Any) -> str | None:
+    """Why ``score()`` leaves prefix sharing off by default for ``family`` (module docstring), or None."""
+    mode = getattr(family, "mixed_precision", None)
+    if mode is None:
+        return None
+    return (f"{family.name}: official_mixed_precision={mode!r} asks for the official numbers, which prefix sharing "
+            "changes by up to a bf16 ulp: scoring without it (share_prefixes=True trades that for speed)")
