@@ -34,7 +34,7 @@ def tokenizer(subset):
     return make_tokenizer(subset)
 
 
-class PRMModule(pl.LightningModule):
+class PRMSteps:
     """A token-classification PRM as a LightningModule (the PRM in ``self.model``, as the callback looks for it)."""
 
     def __init__(self, model, learning_rate=3e-2):
@@ -49,6 +49,10 @@ class PRMModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.learning_rate)
+
+
+class PRMModule(PRMSteps, pl.LightningModule):
+    pass
 
 
 class Series(pl.Callback):
@@ -165,6 +169,23 @@ def test_family_auto_is_generic_for_token_classification(tmp_path, subset, token
     fit(tmp_path, PRMModule(tiny_llama(len(tokenizer), head="token_classification")), tokenizer, [callback],
         max_steps=1)
     assert callback.family == "generic"
+
+
+def test_the_pytorch_lightning_package_has_its_own_class(tmp_path, subset, tokenizer):
+    import pytorch_lightning
+
+    class Module(PRMSteps, pytorch_lightning.LightningModule):
+        pass
+
+    callback = pb_lightning.PyTorchLightningPRMBenchCallback(subset, tokenizer=tokenizer, **SCORE_OPTIONS)
+    assert isinstance(callback, pytorch_lightning.Callback) and not isinstance(callback, pl.Callback)
+    trainer = pytorch_lightning.Trainer(accelerator="cpu", max_steps=1, val_check_interval=1,
+                                        check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
+                                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                        default_root_dir=tmp_path, callbacks=[callback])
+    train, val = loaders(tokenizer)
+    trainer.fit(Module(tiny_llama(len(tokenizer), head="token_classification")), train, val)
+    assert "prmbench/Overall" in trainer.callback_metrics
 
 
 def test_without_lightning_the_error_names_the_install(monkeypatch):
