@@ -7,7 +7,10 @@ Public API:
     evaluate_steps(dataset, step_predictions, *, backend="auto") -> Report   (the flat predictions layout)
     PRMBenchMetric(dataset, ...): update(sample_pos, step_scores, cu_steps, ...) / compute() / reset()
     score(model, dataset=None, *, tokenizer=None, family="auto", max_length=2048, task="prmbench", ...) -> Report
-    PRMBenchCallback(dataset, *, tokenizer, trainer, family="auto", every_n_steps=None, ...)  (transformers Trainer)
+    PRMBenchCallback(dataset, *, trainer, tokenizer=None, family="auto", every_n_steps=None, ...)  (transformers
+        Trainer; prmbench_fast.integrations.lightning.PRMBenchCallback for Lightning)
+    benchmark_batches(dataset, tokenizer, *, family="generic", ...) -> PackedBenchmark  (packed batches for your own
+        forward, fed to PRMBenchMetric)
     step_rewards(hidden, step_pos, weight, bias=None, *, activation="softmax", backend="auto") -> (S, C) float32
     step_token_probs(hidden, step_pos, lm_head_weight, token_ids, *, lm_head_bias=None, backend="auto") -> (S, K)
 
@@ -24,6 +27,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "PRMBenchCallback": ("prmbench_fast.integrations.transformers", "PRMBenchCallback"),
+    "benchmark_batches": ("prmbench_fast.packed_benchmark", "benchmark_batches"),
     "score": ("prmbench_fast.scoring", "score"),
     "step_rewards": ("prmbench_fast.kernels.step_reward", "step_rewards"),
     "step_token_probs": ("prmbench_fast.kernels.step_reward", "step_token_probs"),
