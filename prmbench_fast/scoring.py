@@ -243,7 +243,7 @@ def score(
             for unit in units:
                 run.batch(model, unit, share=share, device=device, max_length=max_length, batch_tokens=batch_tokens,
                           backend=backend)
-        run.finish()
+        run.finish(device)
 
         # Every rank gathers every rank's predictions (device tensors) and evaluates them all: the same report
         # everywhere.
@@ -351,7 +351,11 @@ class _Run:
             self.store.append(part.to_results(self.sample_ids))  # the one host copy, for the file
         self.bar.update(meta.num_tokens)
 
-    def finish(self) -> None:
+    def finish(self, device: torch.device) -> None:
+        # The batches' kernels are queued, not finished, when the loop ends (nothing syncs per batch): the clock is
+        # read after the device has run them, or tokens/s would count queued work as done.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         self.seconds = time.perf_counter() - self.start
         self.bar.close()
 
