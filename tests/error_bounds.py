@@ -52,11 +52,12 @@ def _compound(*relative: torch.Tensor | float) -> torch.Tensor | float:
 
 def logits_and_bound(hidden, step_pos, weight, bias, u: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact logits (S, C) in float64 of ``hidden[step_pos] @ weight.T + bias``, and the any-order bound on an
-    accumulation with unit roundoff ``u`` of the same inputs (converted exactly to fp32 or wider)."""
-    rows = hidden.double().cpu()[step_pos.cpu()]
-    w = weight.double().cpu()
-    logits = rows @ w.T
-    magnitude = rows.abs() @ w.abs().T
+    accumulation with unit roundoff ``u`` of the same inputs (converted exactly to fp32 or wider). Computed on the
+    inputs' device (a GPU's float64 matmul is fast), returned on the CPU."""
+    rows = hidden.double()[step_pos]
+    w = weight.double()
+    logits = (rows @ w.T).cpu()
+    magnitude = (rows.abs() @ w.abs().T).cpu()
     if bias is not None:
         logits = logits + bias.double().cpu()
         magnitude = magnitude + bias.double().cpu().abs()
