@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import pathlib
@@ -423,7 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", help="the HTML file (default: report.html in the first RUN_DIR)")
     rp.add_argument("--data", help="the PRMBench data, only for run folders whose report.json has no analyses")
     rp.set_defaults(run=_report)
+
+    en = commands.add_parser("env", help="print versions, GPUs, the compiled op and which kernels will run here")
+    en.add_argument("--json", action="store_true", help="print it as JSON")
+    en.set_defaults(run=_env)
     return parser
+
+
+def _env(args: argparse.Namespace) -> int:
+    from . import environment
+
+    facts = environment.describe()
+    print(json.dumps(facts, indent=2) if args.json else environment.format_report(facts))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ API rather than at version numbers (a backport or a patched build then still get
   unusable here: :func:`varlen_attn` is None there), torch 2.11's takes both but not ``enable_gqa`` (grouped-query
   attention then runs on key/value heads expanded to the query heads, the same arithmetic), 2.12 and later take all.
 - Whether a compiled op has a kernel for a device (a CPU-only build of the extension on a GPU machine).
+- FSDP2's private per-module state (prmbench_fast/live_model.py unshards a training model through it): torch 2.10 and
+  2.11 keep one parameter group per module (``_fsdp_param_group``), later releases a list (``_fsdp_param_groups``).
 
 Nothing here touches CUDA at import.
 """
@@ -28,6 +30,7 @@ __all__ = [
     "FallbackWarning",
     "HAS_TRITON",
     "TRITON_IMPORT_ERROR",
+    "fsdp_param_groups",
     "has_kernel",
     "tl",
     "triton",
@@ -60,8 +63,9 @@ class _TritonUnavailable:
         self.__doc__ = fn.__doc__
 
     def __getitem__(self, grid):
+        reason = __getattr__("TRITON_IMPORT_ERROR")
         raise RuntimeError(
-            f"the Triton kernel {self.__name__} cannot run: Triton is not installed ({TRITON_IMPORT_ERROR}); "
+            f"the Triton kernel {self.__name__} cannot run: Triton is not installed ({reason}); "
             "install it (`pip install triton`, Linux only) or use backend=\"torch\""
         )
 
@@ -71,27 +75,39 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+    return 1 << (n - 1).bit_length() if n > 0 else 0  # as triton.next_power_of_2, which maps 0 to 0
 
 
-try:
-    import triton
-    import triton.language as tl
+def _load_triton() -> dict:
+    try:
+        import triton
+        import triton.language as tl
 
-    HAS_TRITON = True
-    TRITON_IMPORT_ERROR: ImportError | None = None
-except ImportError as error:
-    HAS_TRITON = False
-    TRITON_IMPORT_ERROR = error
-    # The host-side helpers the kernel wrappers use, and a decorator that keeps kernel definitions importable.
-    triton = types.SimpleNamespace(
-        jit=_TritonUnavailable,
-        cdiv=_cdiv,
-        next_power_of_2=_next_power_of_2,
-        knobs=types.SimpleNamespace(runtime=types.SimpleNamespace(interpret=False)),
-        __version__=None,
-    )
-    tl = types.SimpleNamespace(constexpr=int)
+        return {"triton": triton, "tl": tl, "HAS_TRITON": True, "TRITON_IMPORT_ERROR": None}
+    except ImportError as error:
+        # The host-side helpers the kernel wrappers use, and a decorator that keeps kernel definitions importable.
+        stand_in = types.SimpleNamespace(
+            jit=_TritonUnavailable,
+            cdiv=_cdiv,
+            next_power_of_2=_next_power_of_2,
+            knobs=types.SimpleNamespace(runtime=types.SimpleNamespace(interpret=False)),
+            __version__=None,
+        )
+        return {"triton": stand_in, "tl": types.SimpleNamespace(constexpr=int), "HAS_TRITON": False,
+                "TRITON_IMPORT_ERROR": error}
+
+
+def __getattr__(name: str):
+    # Triton (``triton``, ``tl``, ``HAS_TRITON``, ``TRITON_IMPORT_ERROR``) and ``varlen_attn`` are resolved at first
+    # use (PEP 562): importing prmbench_fast (its evaluator reaches this module) must not import Triton, which takes
+    # seconds; torch.nn.attention.varlen imports it through torch._dynamo.
+    if name in ("triton", "tl", "HAS_TRITON", "TRITON_IMPORT_ERROR"):
+        globals().update(_load_triton())
+    elif name == "varlen_attn":
+        globals()["varlen_attn"] = _find_varlen_attn()
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return globals()[name]
 
 
 # -- varlen attention --------------------------------------------------------------------------------------------------
@@ -102,17 +118,22 @@ def _keywords(fn: Callable) -> frozenset[str]:
         return frozenset()
 
 
+def usable_varlen_attn(fn: Callable | None) -> Callable | None:
+    """``fn`` (a torch release's ``varlen_attn``) if it takes ``scale`` and ``window_size``, else None: segments with a
+    sliding window and models with their own softmax scale need both (torch 2.10's takes neither)."""
+    return fn if fn is not None and {"scale", "window_size"} <= _keywords(fn) else None
+
+
 def _find_varlen_attn() -> Callable | None:
     try:
         from torch.nn.attention.varlen import varlen_attn as found
     except ImportError:
         return None
-    # Segments with a sliding window and models with their own softmax scale need both keywords (torch >= 2.11).
-    return found if {"scale", "window_size"} <= _keywords(found) else None
+    return usable_varlen_attn(found)
 
 
-#: ``torch.nn.attention.varlen.varlen_attn`` when it takes ``scale`` and ``window_size`` (torch >= 2.11), else None.
-varlen_attn: Callable | None = _find_varlen_attn()
+# ``varlen_attn`` (resolved by __getattr__ below): torch.nn.attention.varlen.varlen_attn when it takes ``scale`` and
+# ``window_size`` (torch >= 2.11), else None.
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,3 +153,14 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """
     ask = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
     return True if ask is None else bool(ask(op, dispatch_key))
+
+
+# -- FSDP2 -------------------------------------------------------------------------------------------------------------
+def fsdp_param_groups(state) -> list:
+    """The parameter groups of an FSDP2 module's state (``module._get_fsdp_state()``), as a list on every torch.
+
+    Raises AttributeError when the state has neither attribute (a torch that renamed them again)."""
+    if hasattr(state, "_fsdp_param_groups"):
+        return list(state._fsdp_param_groups)
+    group = state._fsdp_param_group
+    return [] if group is None else [group]

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .compat import fsdp_param_groups
+
 FSDP1_REFUSAL = (
     "score() cannot run a model wrapped in FullyShardedDataParallel (FSDP1): its parameters are flat shards and its "
     "nested instances all-gather inside forward, while score() runs a different number of batches on each rank. "
@@ -75,8 +77,9 @@ def whole_parameters(model: torch.nn.Module) -> Iterator[None]:
     if not modules:
         yield
         return
-    # What follows reads and restores FSDP2 state that has no public getter (torch 2.13). A torch that renamed it
-    # gets a clear refusal here, before anything is changed, rather than a half-restored model.
+    # What follows reads and restores FSDP2 state that has no public getter (torch 2.10-2.15; compat.fsdp_param_groups
+    # bridges the one rename among them). A torch that renamed it again gets a clear refusal here, before anything is
+    # changed, rather than a half-restored model.
     try:
         states = [m._get_fsdp_state() for m in modules]
         # FSDP2 picks as root the first module to run forward. score() calls the backbone and the heads directly,
@@ -86,10 +89,10 @@ def whole_parameters(model: torch.nn.Module) -> Iterator[None]:
             if not any(_inside(name, other) for other, _ in named):
                 state._lazy_init()
         saved = [
-            (state, state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups])
+            (state, state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in fsdp_param_groups(state)])
             for state in states
         ]
-        groups = [g for state in states for g in state._fsdp_param_groups]
+        groups = [g for state in states for g in fsdp_param_groups(state)]
         recorded = {id(g.comm_ctx): (g.comm_ctx, len(g.comm_ctx.post_forward_order)) for g in groups}
         indices = [(g, len(g._post_forward_indices)) for g in groups]
     except AttributeError as error:
@@ -109,7 +112,7 @@ def whole_parameters(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for state, auto, mesh_infos in saved:
             state._auto_reshard_after_forward = auto
-            for group, mesh_info in zip(state._fsdp_param_groups, mesh_infos):
+            for group, mesh_info in zip(fsdp_param_groups(state), mesh_infos):
                 group.post_forward_mesh_info = mesh_info
         # The forward order FSDP2 records drives its backward prefetching; the scoring forwards (a different number
         # on each rank) must not be in it.

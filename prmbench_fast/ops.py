@@ -16,7 +16,8 @@ from prmbench_fast.reference import step_confusion_reference
 #: The command that (re)builds the extension against the installed torch: from the repository root, or with the
 #: source distribution's path instead of ``.``.
 REBUILD_COMMAND = "pip install --no-build-isolation -e ."
-_OP = "prmbench_fast::step_confusion"
+#: The registered name of the counting op.
+OP_NAME = "prmbench_fast::step_confusion"
 #: Values accepted by the ``backend`` argument of :func:`step_confusion`.
 BACKENDS = ("auto", "cpu", "cuda", "torch")
 _TENSOR_ARGUMENTS = ("step_values", "thresholds", "cu_labels", "error_steps", "cu_errors", "sample_class")
@@ -53,7 +54,7 @@ def compiled_kernel_missing(device_type: str) -> str | None:
     if not HAS_C_EXTENSION:
         error = f"{type(C_IMPORT_ERROR).__name__}: {C_IMPORT_ERROR}"
         return f"the compiled extension prmbench_fast._C did not load ({error})"
-    if not has_kernel(_OP, device_type.upper()):
+    if not has_kernel(OP_NAME, device_type.upper()):
         return (
             f"prmbench_fast._C was built without a {device_type.upper()} kernel (built against a torch without "
             f"{device_type.upper()}, or without a matching toolkit)"

@@ -5,6 +5,9 @@ TRITON_INTERPRET must then be set before any ``@triton.jit`` decorator runs, i.e
 With CUDA it stays unset, so the kernels compile for the GPU and the ``gpu`` tests (tests/test_gpu.py) run them there;
 tests that need the interpreter skip themselves. ``torch.cuda.is_available()`` initialises no CUDA context.
 
+With PRMBENCH_FAST_INSTALLED_WHEEL=1 (.ci/test-stack) the suite runs against a wheel installed into another stack and
+refuses to start if ``prmbench_fast`` would come from the source tree.
+
 Markers (registered in pyproject.toml): ``gpu`` tests are always collected and skipped without CUDA; ``slow`` and
 ``aot_full`` (the full ahead-of-time compile sweep, minutes) run in the whole suite (``make test``, CI) and are left
 out by ``make test-fast``.
@@ -28,6 +31,8 @@ SHARED = REPO_ROOT.parent / "shared"
 PRMBENCH_JSONL = SHARED / "prmbench" / "prmbench_preview.jsonl"
 SUBSET400_JSONL = SHARED / "prmbench" / "subset400_official.jsonl"
 FIXTURES = SHARED / "prmbench" / "fixtures"
+#: Set by .ci/test-stack: the suite tests an installed wheel under another stack, never the source tree.
+INSTALLED_WHEEL = os.environ.get("PRMBENCH_FAST_INSTALLED_WHEEL") == "1"
 
 
 def read_pyproject() -> dict:
@@ -53,6 +58,18 @@ def subset400_jsonl() -> pathlib.Path:
     if not SUBSET400_JSONL.exists():
         pytest.fail(f"subset400 data not found at {SUBSET400_JSONL}: tests need ../shared beside the checkout")
     return SUBSET400_JSONL
+
+
+def pytest_configure(config):
+    if INSTALLED_WHEEL:
+        import prmbench_fast
+
+        where = pathlib.Path(prmbench_fast.__file__).resolve()
+        if REPO_ROOT in where.parents:
+            raise pytest.UsageError(
+                f"PRMBENCH_FAST_INSTALLED_WHEEL is set but prmbench_fast was imported from the source tree ({where}); "
+                "run pytest from a folder outside the repository (.ci/test-stack does)"
+            )
 
 
 def pytest_collection_modifyitems(config, items):
