@@ -35,14 +35,17 @@ holds its batch.
 Attention and precision
 -----------------------
 The same kernel as the unshared path (:func:`prmbench_fast.varlen_attention.auto_backend` decides for both): on a GPU
-where that path runs flash varlen (fp16/bf16, sm_80+), each layer gathers every segment's keys and makes one
-``varlen_attn`` call, each segment's queries aligned with the end of its keys (:class:`VarlenKeys`); elsewhere one
-SDPA call per segment. Even so, shared rows are not bitwise the unshared ones: a prefix's keys come from an earlier
-forward call of another shape. In fp32 that moves rows by a few ulp (5e-7 measured). In bf16 both paths carry
+where that path runs flash varlen (fp16/bf16, sm_80+), each layer makes one ``varlen_attn`` call for the whole call's
+queries against the cached prefix (its keys passed once, not once per segment) and one for every segment's keys in
+the call (its ancestors and itself, gathered), each segment's queries aligned with the end of its keys, and merges
+the two by their log-sum-exps in fp32 (:class:`VarlenKeys`, which also says when the prefix is gathered per segment
+instead); elsewhere one SDPA call per segment, its keys gathered one segment at a time. Even so, shared rows are not
+bitwise the unshared ones: a prefix's keys come from an earlier forward call of another shape, and the merge rounds
+each part's output once more. In fp32 that moves rows by a few ulp (5e-7 measured). In bf16 both paths carry
 bf16's own error: against fp32 rows the shared rows' error is the unshared rows' (max 0.023-0.025 on the test
 models, hidden states of magnitude ~4), and the two differ by at most one bf16 ulp of a row (0.016; measured on
-CPU by tests/test_prefix_sharing.py, on CUDA by tests/test_gpu.py, both by the rule "shared error <= 2x unshared
-error"). A score computed from such rows can move by that much, so a label within a bf16 ulp of its threshold may
+CPU by tests/test_prefix_sharing.py, with SDPA and with a CPU stand-in of the flash path and its merge;
+tests/test_gpu.py holds the CUDA path to the same rule, "shared error <= 2x unshared error"). A score computed from such rows can move by that much, so a label within a bf16 ulp of its threshold may
 differ between ``share_prefixes=True`` and ``False``, as it may between any two bf16 runs of different batch shapes.
 
 When it applies
@@ -76,14 +79,26 @@ ATTN_IMPLEMENTATION = "prmbench_prefix"
 # -- attention: segments of a subtree on top of a shared cached prefix -----------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class VarlenKeys:
-    """The flash path's layout of one call: every segment's keys gathered one after the other, so that one
-    ``varlen_attn`` call per layer runs all segments (each segment's queries aligned with the end of its keys).
+    """The flash path's layout of one call, for one ``varlen_attn`` call per layer over every segment (each segment's
+    queries aligned with the end of its keys).
+
+    The keys a segment sees are the cached prefix (P tokens), shared by every segment of the call, then its ancestors
+    in the call and itself. When ``split`` the prefix is not gathered per segment (B copies of P rows per layer:
+    gigabytes for many short siblings under a long prefix) but attended once for the whole call: one more
+    ``varlen_attn`` call runs all T queries against the P cached keys (no mask: every new token sits after them), and
+    the two partial attentions are merged by their log-sum-exps. Otherwise (no cached prefix; or a model with sliding
+    windows, which apply on absolute positions the shared call cannot express; or T equal to the number of query
+    heads, where the log-sum-exp's layout cannot be read from its shape) every segment's keys are gathered whole.
 
     Attributes:
-        index: (K,) int64, positions into the layer's P + T keys, segment after segment (``CallPlan.key_ranges``).
+        index: (K,) int64, positions into the layer's P + T keys, segment after segment: the in-call keys
+            ``[P, P + T)`` each segment sees when ``split``, all of them (``CallPlan.key_ranges``) otherwise.
         cu_q: (B+1,) int32, the segments' query offsets (``CallPlan.bounds``).
-        cu_k: (B+1,) int32, their key offsets in the gather: segment b has ``starts[b] + len_b`` keys.
-        max_q, max_k: the most queries, and keys, of one segment.
+        cu_k: (B+1,) int32, their key offsets in the gather.
+        max_q, max_k: the most queries, and gathered keys, of one segment.
+        split: whether the cached prefix is attended once for the call (above).
+        prefix_cu_q, prefix_cu_k: (2,) int32, ``[0, T]`` and ``[0, P]``: the shared call's one segment (None unless
+            ``split``).
     """
 
     index: torch.Tensor
@@ -91,6 +106,9 @@ class VarlenKeys:
     cu_k: torch.Tensor
     max_q: int
     max_k: int
+    split: bool = False
+    prefix_cu_q: torch.Tensor | None = None
+    prefix_cu_k: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,15 +144,23 @@ class CallPlan:
 
     @classmethod
     def build(
-        cls, prefix_len, lengths, starts, parents, *, varlen: bool, dtype, device, host: Sequence[np.ndarray] = ()
+        cls, prefix_len, lengths, starts, parents, *, varlen: bool, dtype, device, host: Sequence[np.ndarray] = (),
+        split_prefix: bool = False,
     ) -> tuple[CallPlan, list[torch.Tensor]]:
-        """The plan, and the call's other integer host arrays ``host`` moved to ``device`` in the same copy."""
+        """The plan, and the call's other integer host arrays ``host`` moved to ``device`` in the same copy.
+        ``split_prefix``: on the flash path, attend the cached prefix once for the call (:class:`VarlenKeys`)."""
         bounds = tuple(itertools.accumulate(lengths, initial=0))
         key_ranges = tuple(_key_ranges(prefix_len, bounds, b, parents[b], start) for b, start in enumerate(starts))
-        gathers = [np.concatenate([np.arange(lo, hi) for lo, hi in ranges]) for ranges in key_ranges]
+        split = varlen and split_prefix and prefix_len > 0
+        # Split: each segment gathers only its keys past the prefix ([P, P + T), its ancestors in the call and itself).
+        low = prefix_len if split else 0
+        gathers = [np.concatenate([np.arange(max(lo, low), hi) for lo, hi in ranges if hi > low])
+                   for ranges in key_ranges]  # fmt: skip
         if varlen:
             key_counts = [g.size for g in gathers]
             key_arrays = [np.concatenate(gathers), np.asarray(bounds), np.cumsum([0, *key_counts])]
+            if split:
+                key_arrays += [np.asarray([0, bounds[-1]]), np.asarray([0, prefix_len])]
         else:
             sliced = [len(ranges) == 1 and ranges[0][0] == 0 for ranges in key_ranges]
             key_arrays = [g for g, is_slice in zip(gathers, sliced) if not is_slice]
@@ -142,8 +168,10 @@ class CallPlan:
         extra, keys = moved[: len(host)], moved[len(host) :]
         none = (None,) * len(lengths)
         if varlen:
-            index, cu_q, cu_k = keys
-            keys_plan = VarlenKeys(index, cu_q.int(), cu_k.int(), max(lengths), max(key_counts))
+            index, cu_q, cu_k, *prefix_cu = keys
+            prefix_cu_q, prefix_cu_k = (t.int() for t in prefix_cu) if split else (None, None)
+            keys_plan = VarlenKeys(index, cu_q.int(), cu_k.int(), max(lengths), max(key_counts), split, prefix_cu_q,
+                                   prefix_cu_k)  # fmt: skip
             plan = cls(prefix_len, bounds, tuple(starts), key_ranges, none, none, keys_plan)
         else:
             indices = iter(keys)
@@ -191,6 +219,36 @@ def _causal_mask(start: int, length: int, sliding_window: int | None, dtype, dev
     if sliding_window is not None:
         visible &= k_pos > q_pos - sliding_window
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+
+
+def _varlen_with_lse(query, key, value, cu_q, cu_k, max_q: int, max_k: int, *, scaling, is_causal: bool):
+    """``varlen_attn`` with its log-sum-exp, on (1, heads, tokens, dim) inputs: query (1, Hq, Tq, D), key/value
+    (1, Hkv, Tk, D) -> out (Tq, Hq, D) in the query's dtype, lse (Tq, Hq) float32 (natural log of each query's sum of
+    exp(scaled scores)). No sliding window. The call of ``varlen_attention.varlen_kernel``, returning the lse too."""
+    from torch.nn.attention.varlen import AuxRequest
+
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    heads, tokens = q.shape[1], q.shape[0]
+    gqa = {}
+    if heads != k.shape[1]:
+        if varlen_attention.varlen_attn_takes_gqa(varlen_attention.varlen_attn):
+            gqa = {"enable_gqa": True}
+        else:  # as varlen_kernel: each query head gets its own copy of its group's key/value head
+            group = heads // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out, lse = varlen_attention.varlen_attn(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, window_size=(-1, 0) if is_causal else (-1, -1),
+        return_aux=AuxRequest(lse=True), **gqa,
+    )  # fmt: skip
+    # Flash returns the lse as (heads, tokens), cuDNN as (tokens, heads); a plan never splits a call whose token count
+    # equals the number of query heads, so the shape says which.
+    lse = lse.reshape(lse.shape[0], -1) if lse.dim() == 3 else lse
+    if tokens != heads and lse.shape == (heads, tokens):
+        lse = lse.T
+    elif tokens == heads or lse.shape != (tokens, heads):
+        raise RuntimeError(f"varlen_attn returned a log-sum-exp of shape {tuple(lse.shape)} for {tokens} queries of "
+                           f"{heads} heads")  # fmt: skip
+    return out, lse.float()
 
 
 def prefix_attention_forward(
@@ -242,12 +300,32 @@ def prefix_attention_forward(
         raise ValueError("prefix sharing needs causal attention")
     if plan.varlen is not None:
         keys = plan.varlen
-        out = varlen_attention.varlen_kernel(
-            query, key.index_select(2, keys.index), value.index_select(2, keys.index),
-            keys.cu_q, keys.cu_k, keys.max_q, keys.max_k,
-            scaling=scaling, is_causal=True, sliding_window=sliding_window,
+        if not keys.split:
+            out = varlen_attention.varlen_kernel(
+                query, key.index_select(2, keys.index), value.index_select(2, keys.index),
+                keys.cu_q, keys.cu_k, keys.max_q, keys.max_k,
+                scaling=scaling, is_causal=True, sliding_window=sliding_window,
+            )  # fmt: skip
+            return out, None
+        if sliding_window is not None:
+            raise RuntimeError("a layer with a sliding window got a plan that attends the cached prefix once; the "
+                               "model's config names no sliding_window (prefix_sharing._Walker decides from it)")
+        P, T = plan.prefix_len, query.shape[2]
+        # The cached prefix: every new token sits after it, so all T queries see all of it (no mask).
+        prefix_out, prefix_lse = _varlen_with_lse(
+            query, key[:, :, :P], value[:, :, :P], keys.prefix_cu_q, keys.prefix_cu_k, T, P, scaling=scaling,
+            is_causal=False,
         )  # fmt: skip
-        return out, None
+        call_out, call_lse = _varlen_with_lse(
+            query, key.index_select(2, keys.index), value.index_select(2, keys.index), keys.cu_q, keys.cu_k,
+            keys.max_q, keys.max_k, scaling=scaling, is_causal=True,
+        )  # fmt: skip
+        # softmax over both key sets = each part's softmax weighted by its share of the total exp-sum, in fp32.
+        lse = torch.logaddexp(prefix_lse, call_lse)
+        out = prefix_out.float() * torch.exp(prefix_lse - lse)[..., None] + call_out.float() * torch.exp(
+            call_lse - lse
+        )[..., None]
+        return out.to(query.dtype).unsqueeze(0), None
     enable_gqa = query.shape[1] != key.shape[1]
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     for b, (lo, hi) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:])):
@@ -466,6 +544,11 @@ class _Walker:
         # sliding windows are applied by the attention mask instead.
         self.cache = DynamicCache()
         self.cached = 0
+        # The flash path attends the cached prefix once per call (VarlenKeys.split) unless a layer may slide (its
+        # window applies on absolute positions) or the call's token count equals the query heads (VarlenKeys).
+        text = decoder.config.get_text_config(decoder=True)
+        self.sliding = getattr(text, "sliding_window", None) is not None
+        self.query_heads = text.num_attention_heads
         self.tokens_computed = self.forward_calls = self.max_cached = self.max_call = 0
 
     def visit(self, node: _Node) -> None:
@@ -543,6 +626,7 @@ class _Walker:
         plan, (ids, position_ids, local, rows) = CallPlan.build(
             prefix, lengths, [s.start for s in segments], [s.parents for s in segments],
             varlen=self.varlen, dtype=self.dtype, device=self.device, host=host,
+            split_prefix=not self.sliding and bounds[-1] != self.query_heads,
         )  # fmt: skip
         self.max_cached = max(self.max_cached, self.cached)
         self.max_call = max(self.max_call, plan.bounds[-1])

@@ -159,23 +159,81 @@ def test_attention_needs_its_plan():
         prefix_attention_forward(torch.nn.Module(), q, q, q, None)
 
 
-def test_flash_path_plumbing(model, monkeypatch):
-    """The CUDA flash path cannot run here: its key gather and offsets run against a CPU stand-in of varlen_attn."""
-    monkeypatch.setattr(varlen_attention, "varlen_attn", flash_varlen_reference)
+class FlashStandIn:
+    """CPU stand-in of ``varlen_attn`` with ``return_aux`` (flash_reference.py's semantics): the log-sum-exp in flash's
+    layout (heads, tokens) or, ``by_token``, cuDNN's (tokens, heads). Records the key rows of every call."""
+
+    def __init__(self, by_token: bool = False):
+        self.by_token = by_token
+        self.key_rows: list[int] = []
+
+    def __call__(self, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa=False, return_aux=None):
+        self.key_rows.append(k.shape[0])
+        out = flash_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
+                                     enable_gqa=enable_gqa)  # fmt: skip
+        if return_aux is None or not return_aux.lse:
+            return out
+        group = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)
+        left, right = window_size
+        lse = torch.empty(q.shape[1], q.shape[0])
+        q_bounds, k_bounds = cu_q.tolist(), cu_k.tolist()
+        for (qs, qe), (ks, ke) in zip(zip(q_bounds[:-1], q_bounds[1:]), zip(k_bounds[:-1], k_bounds[1:])):
+            pos = torch.arange(qe - qs)[:, None] + (ke - ks) - (qe - qs)
+            j = torch.arange(ke - ks)[None, :]
+            visible = ((left < 0) | (j >= pos - left)) & ((right < 0) | (j <= pos + right))
+            scores = torch.einsum("ihd,jhd->hij", q[qs:qe], k[ks:ke]) * scale
+            lse[:, qs:qe] = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
+        return out, (lse.T.contiguous() if self.by_token else lse)
+
+
+@pytest.mark.parametrize("by_token", [False, True], ids=["flash_lse_layout", "cudnn_lse_layout"])
+def test_flash_path_plumbing(model, monkeypatch, by_token):
+    """The CUDA flash path cannot run here: its key gathers, offsets and the merge of the shared prefix's attention
+    with the call's run against a CPU stand-in of varlen_attn."""
+    monkeypatch.setattr(varlen_attention, "varlen_attn", FlashStandIn(by_token))
     samples = group()
     for batch_tokens in (1000, 16):  # one call with every segment; calls on top of cached prefixes
         result = shared_step_hidden(model, samples, max_length=MAX_LENGTH, batch_tokens=batch_tokens, backend="varlen")
         check_equal(model, samples, result)
 
 
-def test_bf16_rows_within_twice_the_unshared_error(model):
-    """In bf16 the shared and unshared rows round differently (a prefix's keys come from another forward call): the
+def test_flash_path_attends_a_cached_prefix_once_per_call(monkeypatch):
+    """Eight 3-token continuations of one 30-token prefix: the prefix goes into the cache (its subtree exceeds
+    batch_tokens) and the siblings run in one call on top of it. Per layer the flash path passes the 30 cached keys
+    once and each sibling's own 3 (30 + 8 x 3 = 54 rows), not the prefix again for every sibling (8 x 33 = 264)."""
+    model = tiny_llama(VOCAB)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(10, VOCAB, (30,), generator=g).tolist()
+    samples = [TokenizedSample(prefix + [k, k, k], [29, 32], k) for k in range(8)]
+    stand_in = FlashStandIn()
+    monkeypatch.setattr(varlen_attention, "varlen_attn", stand_in)
+    result = shared_step_hidden(model, samples, max_length=MAX_LENGTH + 10, batch_tokens=24, backend="varlen")
+    check_equal(model, samples, result)
+    layers = model.config.num_hidden_layers
+    assert result.stats.forward_calls == 2  # the prefix; the eight siblings on top of it
+    first, second = stand_in.key_rows[:layers], stand_in.key_rows[layers:]
+    assert first == [30] * layers  # no cached prefix: one gather of the prefix's own keys
+    assert second == [30, 8 * 3] * layers  # the shared prefix once, then the siblings' own keys
+    # A call of as many new tokens as query heads (4) gathers whole (the log-sum-exp's layout would be ambiguous).
+    stand_in.key_rows.clear()
+    four = [TokenizedSample(prefix + [k], [29, 30], k) for k in range(4)]
+    result = shared_step_hidden(model, four, max_length=MAX_LENGTH, batch_tokens=24, backend="varlen")
+    check_equal(model, four, result)
+    assert stand_in.key_rows[layers:] == [4 * 31] * layers
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "varlen"])
+def test_bf16_rows_within_twice_the_unshared_error(model, backend, monkeypatch):
+    """In bf16 the shared and unshared rows round differently (a prefix's keys come from another forward call; on the
+    flash path, here its CPU stand-in, the merge of the prefix's attention with the call's rounds once more): the
     shared rows' error against the fp32 unshared rows must be at most 2x the unshared bf16 rows' own error, and the two
     within that too (prefix_sharing's docstring quotes the measured values)."""
+    monkeypatch.setattr(varlen_attention, "varlen_attn", FlashStandIn())
     samples = group()
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     reference, unshared = unshared_rows(model, samples), unshared_rows(bf16, samples)
-    result = shared_step_hidden(bf16, samples, max_length=MAX_LENGTH, batch_tokens=16)
+    result = shared_step_hidden(bf16, samples, max_length=MAX_LENGTH, batch_tokens=16, backend=backend)
     assert result.hidden.dtype == torch.bfloat16
     bounds = result.cu_steps.tolist()
     shared = {key: result.hidden[bounds[b] : bounds[b + 1]] for b, key in enumerate(result.sample_keys)}
