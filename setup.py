@@ -222,16 +222,18 @@ def _extension(cuda_home: str | None):
             "prmbench_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True
         )
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    # USE_CUDA declares the CUDA part of the stable C shim (the current stream).
     return CUDAExtension(
         "prmbench_fast._C",
         cpp_sources + cuda_sources,
-        extra_compile_args={
-            "cxx": [*cxx_flags, "-DUSE_CUDA"],
-            "nvcc": ["-O3", "-std=c++17", "-DUSE_CUDA", *stable_abi_macros()],
-        },
+        extra_compile_args={"cxx": [*cxx_flags, "-DUSE_CUDA"], "nvcc": nvcc_flags()},
         py_limited_api=True,
     )
+
+
+def nvcc_flags() -> list[str]:
+    """nvcc's flags for csrc/*.cu (tests/test_cuda_compile.py compiles with the same). USE_CUDA declares the CUDA part
+    of the stable C shim (the current stream)."""
+    return ["-O3", "-std=c++17", "-DUSE_CUDA", *stable_abi_macros()]
 
 
 def main() -> None:

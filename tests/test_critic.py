@@ -6,6 +6,10 @@ import json
 
 import pytest
 
+# Every test here talks to an OpenAI-compatible endpoint through the `critic` extra's client; stacks without it (the
+# GPU machine's) test the missing-extra message instead (tests/test_optional_extras.py).
+pytest.importorskip("openai")
+
 from critic_server import FakeCritic, serve  # noqa: F401 (serve is a fixture)
 from prmbench_fast import evaluate
 from prmbench_fast.classes import ALL_CLASSES

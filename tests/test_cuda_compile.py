@@ -1,8 +1,7 @@
 """Compile-check of the CUDA sources: no GPU and no CUDA torch here, so nvcc -c is the only check they get.
 
-Flags follow /work/shared/docs/TOOLCHAIN.md: torch's headers need ``-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE`` with a CPU
-torch, and are passed with ``-isystem`` so their own warnings do not bury ours. The .cu files include only light
-ATen/c10 headers; each compiles in ~15-30 s here (``<torch/extension.h>`` would cost ~75 s).
+The flags are setup.py's own (``nvcc_flags()``: the stable-ABI target version and ``USE_CUDA``); torch's headers are
+passed with ``-isystem`` so their own warnings do not bury ours. The .cu files include only stable-ABI headers.
 
 Device code is built for sm_80 and sm_90 with ``-Xptxas -v``, whose report of every kernel must show no stack frame
 and no spills (step_confusion: 34-44 registers).
@@ -19,6 +18,8 @@ import time
 
 import pytest
 from torch.utils.cpp_extension import include_paths
+
+from test_build_setup import setup_py
 
 CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc")
@@ -64,8 +65,8 @@ def kernel_frames(ptxas_report: str) -> dict[tuple[str, str], tuple[int, int, in
 def test_cuda_source_compiles_without_spills(source, tmp_path, record_property):
     gencode = [flag for arch in ARCHS for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
     command = [
-        NVCC, "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), "-std=c++17", *gencode, "-O3",
-        "-Xptxas", "-v", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *torch_includes(),
+        NVCC, "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), *setup_py.nvcc_flags(), *gencode,
+        "-Xptxas", "-v", *torch_includes(),
     ]  # fmt: skip
     frames = kernel_frames(run_compiler(command, record_property, source))
     # Every kernel of the file is reported for every arch (at least one kernel: a parse that found none proves nothing).

@@ -228,6 +228,7 @@ def server(serve):
 
 
 def test_a_folder_of_another_run_or_in_use(tmp_path, files, server):
+    pytest.importorskip("openai")  # the critic runs below (the `critic` extra)
     out = tmp_path / "run"
     ResultsStore(out, {"family": "critic", "model": "another"}, kind="critic").close()
     done = run(critic_args(files, server, out))

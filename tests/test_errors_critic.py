@@ -14,6 +14,10 @@ import time
 
 import pytest
 
+# Every test here talks to an OpenAI-compatible endpoint through the `critic` extra's client; stacks without it (the
+# GPU machine's) test the missing-extra message instead (tests/test_optional_extras.py).
+pytest.importorskip("openai")
+
 from critic_server import serve  # noqa: F401 (a fixture)
 from prmbench_fast.cli import main
 from prmbench_fast.critic import CriticEndpointError, public_url, score_critic

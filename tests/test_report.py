@@ -64,6 +64,7 @@ def random_results(dataset, seed):
 
 
 def test_html_is_self_contained_with_every_figure_embedded_and_written(tmp_path, prmbench_jsonl):
+    pytest.importorskip("matplotlib")  # the figures (the `report` extra)
     dataset = load_prmbench(prmbench_jsonl, limit_per_class=8)
     write_run(tmp_path / "run_a", dataset, random_results(dataset, 0))
     write_run(tmp_path / "run_b", dataset, random_results(dataset, 1))
@@ -83,6 +84,7 @@ def test_html_is_self_contained_with_every_figure_embedded_and_written(tmp_path,
 
 
 def test_default_output_and_runs_with_the_same_folder_name(tmp_path):
+    pytest.importorskip("matplotlib")  # the figures (the `report` extra)
     dataset = hand_dataset()
     write_run(tmp_path / "x" / "run", dataset, hand_predictions(0))
     write_run(tmp_path / "y" / "run", dataset, hand_predictions(1))
@@ -148,6 +150,7 @@ EXAMPLE = REPO_ROOT / "examples" / "skywork7b_first1000_predictions.jsonl.gz"
 
 
 def test_evaluate_output_dir_then_report(tmp_path, prmbench_jsonl, capsys):
+    pytest.importorskip("matplotlib")  # the figures (the `report` extra)
     run = tmp_path / "skywork"
     assert main(["evaluate", "--data", str(prmbench_jsonl), "--predictions", str(EXAMPLE), "--only-predicted",
                  "--output-dir", str(run)]) == 0

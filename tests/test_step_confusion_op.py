@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import REPO_ROOT
 import prmbench_fast.compat as compat
 import prmbench_fast.ops as ops
 from prmbench_fast.reference import step_confusion_reference
@@ -297,7 +298,7 @@ def test_invalid_inputs_raise(position, value, message):
 
 
 def test_bad_input_flags_match_the_header():
-    header = (pathlib.Path(ops.__file__).resolve().parents[1] / "csrc" / "step_confusion.h").read_text()
+    header = (REPO_ROOT / "csrc" / "step_confusion.h").read_text()
     enum = header[header.index("enum BadInput") : header.index("};", header.index("enum BadInput"))]
     assert sorted(int(value) for value in re.findall(r"= (\d+),", enum)) == sorted(ops.BAD_INPUT_FLAGS)
 
