@@ -255,12 +255,21 @@ def _step_rewards_call(shape, hidden_dtype, weight_dtype, has_bias, activation, 
     return call
 
 
-def _step_token_probs_call(shape, hidden_dtype, weight_dtype, has_bias, num_ids) -> Callable[[], object]:
+#: LM-head vocabularies: 1,000 (a multiple of 8, not of 16: the vocabulary-size argument is not specialised as
+#: divisible by 16) and the real ones, all multiples of 16 (Llama 2 / Mistral 32,000, Llama 3 128,256, Qwen2
+#: 152,064), which compile to the same specialisation: it is the one real models run, and the one that spilled on
+#: sm_80 while the sweep only tried 1,000. The split size is always a multiple of BLOCK_V.
+VOCABS = (1000, 32000, 128256, 152064)
+#: The vocabulary of the representative set: a real one.
+REPRESENTATIVE_VOCAB = 152064
+
+
+def _step_token_probs_call(shape, hidden_dtype, weight_dtype, has_bias, num_ids, vocab) -> Callable[[], object]:
     def call():
         # H = 8 gives BLOCK_H = 16 (tl.dot's minimum), half of it masked.
         hidden, step_pos = _hidden(shape, hidden_dtype, narrow_width=8)
-        vocab = 1000  # not a multiple of any BLOCK_V; the split size always is
-        weight = torch.zeros(vocab, hidden.shape[1], dtype=weight_dtype)
+        # Never read (nothing runs), so not filled: a real vocabulary's head is up to 152,064 x 144 x 4 B = 88 MB.
+        weight = torch.empty(vocab, hidden.shape[1], dtype=weight_dtype)
         bias = torch.zeros(vocab, dtype=weight_dtype) if has_bias else None
         ids = list(range(num_ids))
         step_reward.step_token_probs(hidden, step_pos, weight, ids, lm_head_bias=bias, backend="triton")
@@ -272,18 +281,20 @@ def wrapper_calls(full: bool) -> list[Callable[[], object]]:
     """Calls of the wrappers whose launches are checked.
 
     Representative (``full=False``): per family dtype pair, each wrapper at its largest tiles (4 classes with bias,
-    softmax; 4 token ids with bias) in the model shape.
+    softmax; 4 token ids with bias, a real vocabulary) in the model shape.
 
     Full: every (hidden, head) dtype pair, bias or not, every activation and class count, every number of token ids
-    up to 4, in the model shape; and every other shape with the family dtype pairs at the largest tiles. The other
-    shapes change only masks, strides and alignment, which do not interact with the dtype and constexpr choices
-    that set the tile sizes, so crossing them with every such choice would add compile time, not distinct risks.
+    up to 4 and every vocabulary of :data:`VOCABS`, in the model shape; and every other shape with the family dtype
+    pairs at the largest tiles and every vocabulary. The other shapes change only masks, strides and alignment, which
+    do not interact with the dtype and constexpr choices that set the tile sizes, so crossing them with every such
+    choice would add compile time, not distinct risks. The vocabularies divisible by 16 share one specialisation
+    (deduplicated before compiling), so the sweep compiles two vocabulary cases, not four.
     """
     every_pair = [(h, w) for h in DTYPES for w in DTYPES]
     calls = []
     for hidden_dtype, weight_dtype in FAMILY_DTYPES:
         calls.append(_step_rewards_call("model", hidden_dtype, weight_dtype, True, "softmax", 4))
-        calls.append(_step_token_probs_call("model", hidden_dtype, weight_dtype, True, 4))
+        calls.append(_step_token_probs_call("model", hidden_dtype, weight_dtype, True, 4, REPRESENTATIVE_VOCAB))
     if not full:
         return calls
     for hidden_dtype, weight_dtype in every_pair:
@@ -292,11 +303,13 @@ def wrapper_calls(full: bool) -> list[Callable[[], object]]:
                 for classes in range(1, step_reward.MAX_CLASSES + 1):
                     calls.append(_step_rewards_call("model", hidden_dtype, weight_dtype, has_bias, activation, classes))
             for num_ids in (1, 2, 3, 4):
-                calls.append(_step_token_probs_call("model", hidden_dtype, weight_dtype, has_bias, num_ids))
+                for vocab in VOCABS:
+                    calls.append(_step_token_probs_call("model", hidden_dtype, weight_dtype, has_bias, num_ids, vocab))
     for shape in SHAPES[1:]:
         for hidden_dtype, weight_dtype in FAMILY_DTYPES:
             calls.append(_step_rewards_call(shape, hidden_dtype, weight_dtype, True, "softmax", 4))
-            calls.append(_step_token_probs_call(shape, hidden_dtype, weight_dtype, True, 4))
+            for vocab in VOCABS:
+                calls.append(_step_token_probs_call(shape, hidden_dtype, weight_dtype, True, 4, vocab))
     return calls
 
 

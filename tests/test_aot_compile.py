@@ -3,7 +3,8 @@
 The real wrappers run on CPU tensors; each launch they make is compiled, not run, with Triton's bundled ptxas for both
 targets and checked: it compiles, its shared memory fits the arch, its grid fits CUDA's limits, and ptxas spilled no
 register (``cuobjdump -res-usage``: STACK 0 and LOCAL 0). The default run checks a representative set (seconds with
-Triton's cache warm); ``pytest -m aot_full`` checks every distinct specialisation (``aot.wrapper_calls`` says which).
+Triton's cache warm); ``pytest -m aot_full`` checks every distinct specialisation (``aot.wrapper_calls`` says which),
+with vocabularies of 1,000 and of real models (``aot.VOCABS``).
 
 Compiling runs ``python -m prmbench_fast.aot`` in a subprocess: this test session imported the kernels under
 TRITON_INTERPRET=1, and such kernels can be recorded but not compiled.
@@ -59,6 +60,18 @@ def test_bf16_launch_is_recorded_as_on_a_gpu():
         if launch.name == "_step_vocab_lse_kernel"
     }
     assert dot_fp32 == {"*fp32*fp32": True, "*fp16*fp16": False, "*bf16*bf16": False, "*bf16*fp32": True}
+
+
+def test_real_vocabularies_are_one_specialisation_and_not_the_toy_ones():
+    # Every real vocabulary is a multiple of 16, which Triton specialises on; 1,000 is not. The full sweep must hold
+    # both (the sm_80 spills of fp16/bf16 x fp32 launches showed only with the former), and compiles the real ones once.
+    with aot.record_launches() as recorded:
+        for vocab in aot.VOCABS:
+            aot._step_token_probs_call("model", torch.bfloat16, torch.float32, True, 2, vocab)()
+    keys = [launch.key for launch in recorded]
+    assert keys[0] != keys[1] and len(set(keys[1:])) == 1
+    full = {launch.key for launch in aot.launches(full=True)}
+    assert set(keys) <= full
 
 
 def test_grids_fit_at_extreme_sizes():
