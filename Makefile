@@ -1,12 +1,20 @@
 # One-command entry points for a fresh machine (Python 3.11, nothing else installed).
 #   make demo   sets everything up and runs the main job on the embedded default
-#   make test   sets everything up and runs the whole test suite (what CI runs)
+#   make test   sets everything up and runs the whole test suite (what CI runs), then the fast suite under the other
+#               supported stacks with the wheel built here
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ../shared/prmbench/prmbench_preview.jsonl
+SUBSET400 ?= ../shared/prmbench/subset400_official.jsonl
+# The stacks besides this pinned one (.ci/stacks/NAME.txt): the oldest supported, the borrowed GPU machine's, the
+# newest. Their environments are cached outside the clone (.ci/stack-env).
+STACKS ?= floor gpu-machine newest
+STACK_WHEEL_DIR := build/stack-wheel
+# make gpu-check: the GPU machine's own interpreter.
+GPU_PYTHON ?= python3
 
-.PHONY: setup test test-fast demo bench gpu-check clean
+.PHONY: setup test test-fast test-stacks demo bench gpu-data gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +31,13 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-stacks
+
+# The wheel is built once, here, and installed (--no-deps) into each stack; see .ci/test-stack.
+test-stacks: setup
+	rm -rf $(STACK_WHEEL_DIR)
+	$(BIN)/pip wheel --no-build-isolation --no-deps -q -w $(STACK_WHEEL_DIR) .
+	for stack in $(STACKS); do .ci/test-stack $$stack $(STACK_WHEEL_DIR)/prmbench_fast-*.whl || exit 1; done
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not aot_full"
@@ -35,10 +50,25 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/bench_evaluate.py --data $(DATA)
 
-# On a machine with one CUDA GPU (< 8 min): the gpu tests, kernel micro-benchmarks and score() of a random 7B-shaped
-# Qwen2 against the official-style loop; writes runs/gpu-check/gpu_check.json. Without CUDA it says so and exits 2.
-gpu-check: setup
-	$(BIN)/python bench/gpu_check.py --data $(DATA)
+# The subset400 rows gpu-check reads, in a git-ignored folder inside the checkout (name it in the device tool's carry).
+gpu-data: data/subset400_official.jsonl
+
+data/subset400_official.jsonl: $(SUBSET400)
+	mkdir -p data
+	cp $< $@
+
+# On a machine with one CUDA GPU and no network (< 8 min on one H100): uses that machine's python3, torch, triton and
+# transformers as they are, and installs this project alone into that environment (editable, --no-deps,
+# --no-build-isolation: the CUDA op is built there against its torch and nvcc; PIP_BREAK_SYSTEM_PACKAGES lets pip
+# install into a distribution's own Python, which a lent machine is free to change). Then the gpu tests, kernel
+# micro-benchmarks and score() of a random 7B-shaped Qwen2 on subset400 against the official-style loop. Writes
+# runs/gpu-check/gpu_check.json even when a phase fails. Without CUDA it says so and exits 2.
+gpu-check:
+	test -f data/subset400_official.jsonl || \
+		{ echo "no data/subset400_official.jsonl: run make gpu-data (beside ../shared)"; exit 2; }
+	PIP_BREAK_SYSTEM_PACKAGES=1 $(GPU_PYTHON) -m pip install --no-build-isolation --no-deps --no-index \
+		--disable-pip-version-check -q -e .
+	$(GPU_PYTHON) bench/gpu_check.py --data data/subset400_official.jsonl
 
 clean:
 	rm -rf build *.egg-info prmbench_fast/_C*.so
