@@ -1,6 +1,6 @@
 """What differs across the supported torch, Triton and transformers releases, decided in one place.
 
-The package supports torch 2.10 and later (with the Triton release each torch pairs, 3.5 and later) and transformers
+The package supports torch 2.10 and later (with the Triton release each torch pairs, 3.6 and later) and transformers
 5.17 and later. Everything that depends on which of them is installed is answered here, by looking at the installed
 API rather than at version numbers (a backport or a patched build then still gets the right answer):
 
