@@ -10,7 +10,7 @@ SUBSET400 ?= ../shared/prmbench/subset400_official.jsonl
 # The stacks besides this pinned one (.ci/stacks/NAME.txt): the oldest supported, the borrowed GPU machine's, the
 # newest. Their environments are cached outside the clone (.ci/stack-env).
 STACKS ?= floor gpu-machine newest
-STACK_WHEEL_DIR := build/stack-wheel
+STACK_BUILD := build/stacks
 # make gpu-check: the GPU machine's own interpreter.
 GPU_PYTHON ?= python3
 
@@ -33,11 +33,14 @@ test: setup
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-stacks
 
-# The wheel is built once, here, and installed (--no-deps) into each stack; see .ci/test-stack.
+# The wheel, a tiny PRM and the numbers every stack must reproduce are made once, here; then each stack installs that
+# wheel (--no-deps) and runs the fast suite (.ci/test-stack, .ci/stack_numbers.py).
 test-stacks: setup
-	rm -rf $(STACK_WHEEL_DIR)
-	$(BIN)/pip wheel --no-build-isolation --no-deps -q -w $(STACK_WHEEL_DIR) .
-	for stack in $(STACKS); do .ci/test-stack $$stack $(STACK_WHEEL_DIR)/prmbench_fast-*.whl || exit 1; done
+	rm -rf $(STACK_BUILD)
+	$(BIN)/pip wheel --no-build-isolation --no-deps -q -w $(STACK_BUILD)/wheel .
+	$(BIN)/python .ci/stack_numbers.py model $(STACK_BUILD)/model $(DATA)
+	$(BIN)/python .ci/stack_numbers.py compute $(STACK_BUILD)/model $(DATA) $(STACK_BUILD)/pinned.json
+	for stack in $(STACKS); do .ci/test-stack $$stack $(STACK_BUILD) $(DATA) || exit 1; done
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not aot_full"
