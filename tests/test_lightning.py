@@ -5,12 +5,14 @@ the callback is built or in setup(), before the first step."""
 
 import sys
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from transformers import DataCollatorForTokenClassification
+
+# The `lightning` extra: stacks without it (the floor stack) test the missing-package message elsewhere.
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
 
 from conftest import PRMBENCH_JSONL, REPO_ROOT
 from prmbench_fast import load_prmbench, score

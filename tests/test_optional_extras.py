@@ -38,6 +38,7 @@ CASES = {
     ),
     "matplotlib": ("from prmbench_fast.report import figures\nfigures._figure(4, 3)", "report"),
     "datasets": ("load_prmbench('hitsmy/PRMBench_Preview')", "hub"),
+    "lightning": ("from prmbench_fast.integrations import lightning\nlightning.PRMBenchCallback", "lightning"),
 }
 
 
