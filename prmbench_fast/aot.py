@@ -223,7 +223,7 @@ FAMILY_DTYPES = (
 )
 #: Hidden-state shapes, by what they change in the specialisation (integer arguments equal to 1 or divisible by 16,
 #: pointers aligned to 16 bytes, and the BLOCK_H the wrapper derives from H). "model": every real model width is a
-#: multiple of 16 above the widest H tile (128), so H = 144 stands for all of them.
+#: multiple of 16 above the widest H tile (64 or 32), so H = 144 stands for all of them.
 SHAPES = ("model", "one step", "odd width", "narrow", "column slice", "transposed")
 
 

@@ -93,7 +93,7 @@ def check_step_token_probs(hidden, step_pos, lm_w, lm_b, token_ids) -> torch.Ten
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
 @pytest.mark.parametrize("C", [1, 2, 3, 4])
-@pytest.mark.parametrize("H", [896, 67])  # a model width (a multiple of 16, > the 128 tile) and an odd one
+@pytest.mark.parametrize("H", [896, 67])  # a model width (a multiple of 16, > the 64 tile) and an odd one
 def test_step_rewards(dtype, activation, C, H):
     step_pos, T = _packed_step_pos([1, 9, 300, 5, 40])
     hidden = _hidden(T, H, dtype).to(CUDA)
