@@ -556,9 +556,6 @@ def score_critic(
         ``report.predictions`` (the official result dicts) and ``report.run`` (requests, retries, invalid answers,
         tokens, seconds, requests/s).
     """
-    from .extras import require
-    openai = require("openai", "critic", "LLM critics through an OpenAI-compatible API")
-
     if not 0 <= shots <= len(FEW_SHOTS):
         raise ValueError(f"shots must be 0, 1 or 2, got {shots}")
     if concurrency < 1 or max_retries < 1:
@@ -579,6 +576,9 @@ def score_critic(
     client_options: dict[str, Any] = {"api_key": api_key or "EMPTY", "max_retries": 0, "timeout": timeout}
     if api_base:
         client_options["base_url"] = api_base
+    # Imported once the arguments are known to be good: a mistake is reported whether or not the extra is installed.
+    from .extras import require
+    openai = require("openai", "critic", "LLM critics through an OpenAI-compatible API")
     # Retries are ours (the official backoff and accounting), hence max_retries=0 for the client.
     client = openai.OpenAI(**client_options)
     endpoint = public_url(str(client.base_url))

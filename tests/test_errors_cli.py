@@ -242,6 +242,7 @@ def test_a_folder_of_another_run_or_in_use(tmp_path, files, server):
 
 
 def test_skipped_results_lines_are_warned_about_in_one_line(tmp_path, files, server):
+    pytest.importorskip("openai")  # a real client against a real socket (the `critic` extra)
     out = tmp_path / "run"
     score_critic(dataset(), api_base=server.url, api_model="m", output_dir=out, progress=False)
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)

@@ -109,6 +109,7 @@ def closed_port() -> int:
 
 
 def test_an_unreachable_endpoint_stops_the_run_and_stores_nothing(tmp_path, capsys):
+    pytest.importorskip("openai")  # a real client against a real socket (the `critic` extra)
     url = f"http://127.0.0.1:{closed_port()}/v1"
     refused = rf"{re.escape(url)}/ cannot be reached \(.*Connection refused\) after"
     with pytest.raises(CriticEndpointError, match=f"{refused} 2 attempt"):
