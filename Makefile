@@ -14,7 +14,7 @@ STACK_BUILD := build/stacks
 # make gpu-check: the GPU machine's own interpreter.
 GPU_PYTHON ?= python3
 
-.PHONY: setup test test-fast test-stacks demo bench gpu-data gpu-check clean
+.PHONY: setup test test-fast test-stacks demo bench gpu-data processbench-data gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ gpu-data: data/subset400_official.jsonl
 data/subset400_official.jsonl: $(SUBSET400)
 	mkdir -p data
 	cp $< $@
+
+# ProcessBench lives only on the hub: files in its official format built from the PRMBench rows (a clean solution:
+# label -1; a perturbed one: its first error step, 0-based), one per split, in the git-ignored data/ folder.
+processbench-data: setup
+	$(BIN)/python -m prmbench_fast.testing.processbench_data $(DATA) data/processbench
 
 # On a machine with one CUDA GPU and no network (< 8 min on one H100): uses that machine's python3, torch, triton and
 # transformers as they are, and installs this project alone into that environment (editable, --no-deps,

@@ -21,7 +21,7 @@ from .io import FileWarning
 from .tasks import TASK_NAMES
 
 TASK_HELP = ("prmbench: the whole benchmark (default); subset400: the official 394-row quick task (its own validity "
-             "rate); bon: the official best-of-n task")
+             "rate); bon: the official best-of-n task; processbench: ProcessBench (--data: its files or folder)")
 
 #: Errors that are the user's to fix: shown as one line, exit status 2. ValueError covers every file, data,
 #: prediction, family and run-folder error of the package; OSError covers paths, locks and refusing endpoints.
@@ -66,6 +66,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .io import PredictionFileError, check_output_dir, check_output_file, read_prediction_lines, write_json_atomic
     from .tasks import get_task
 
+    task = get_task(args.task)
+    if hasattr(task, "evaluate_command"):  # a task that wires its own command (processbench)
+        return task.evaluate_command(args)
     if args.output:
         check_output_file(args.output)  # before any work
         _check_not_an_input(args.output, args)
@@ -73,7 +76,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_output_dir(args.output_dir)
     if args.only_predicted and args.task != "prmbench":
         raise ValueError(f"--only-predicted applies to --task prmbench only; the {args.task} task scores its own samples")
-    task = get_task(args.task)
     dataset = task.load(args.data)
     lines = read_prediction_lines(args.predictions)
     predictions = [record for _, record in lines]

@@ -4,6 +4,8 @@
 - ``"subset400"``: the official ``prmtest_classified_subset400`` quick task: its 394 rows (+ the clean partners of its
   ``redundency`` rows), scored with that task's validity-rate denominator.
 - ``"bon"``: the official ``prmbench_bon`` best-of-n task: pass@n, maj@n and PRM-BoN.
+- ``"processbench"``: ProcessBench (QwenLM), the other benchmark PRM papers report: the first wrong step of single
+  solutions, F1 per split.
 
 The contract every task follows (what ``load_prmbench(task=)``, ``evaluate(task=)``, ``score(task=)`` and the CLI's
 ``--task`` call)::
@@ -21,7 +23,7 @@ import importlib
 from typing import Any, Protocol
 
 #: name -> module (in this package) defining ``TASK``.
-_MODULES = {"prmbench": "prmbench", "subset400": "subset400", "bon": "bon"}
+_MODULES = {"prmbench": "prmbench", "subset400": "subset400", "bon": "bon", "processbench": "processbench"}
 TASK_NAMES = tuple(_MODULES)
 DEFAULT_TASK = "prmbench"
 
@@ -30,6 +32,7 @@ class Task(Protocol):
     """What a task provides. ``load`` builds the samples; ``evaluate`` scores predictions on them."""
 
     name: str
+    dataset_type: type  # what load() returns: the data its evaluator accepts
 
     def load(self, source: Any = None, **options: Any) -> Any:
         """The task's evaluation set from ``source`` (a file, a folder, a hub id; None: the task's default)."""
@@ -46,14 +49,11 @@ def get_task(name: str) -> Task:
 
 
 def check_task_dataset(task: str, dataset: Any, argument: str = "dataset") -> None:
-    """Raise TypeError naming ``argument`` when ``dataset`` is not the kind of data ``task`` evaluates: BoN data
-    (``load_prmbench(path, task="bon")``) for "bon", PRMBench data for the others."""
-    from ..data import PRMBenchDataset
-    from .bon import BoNDataset
-
-    wanted = BoNDataset if task == "bon" else PRMBenchDataset
+    """Raise TypeError naming ``argument`` when ``dataset`` is not the kind of data ``task`` evaluates (the task's
+    ``dataset_type``: BoN data for "bon", ProcessBench data for "processbench", PRMBench data for the others)."""
+    wanted = get_task(task).dataset_type
     if not isinstance(dataset, wanted):
-        how = 'load_prmbench(path, task="bon")' if task == "bon" else f'load_prmbench(task="{task}")'
+        how = f'load_prmbench(path, task="{task}")' if task in ("bon", "processbench") else f'load_prmbench(task="{task}")'
         raise TypeError(f"{argument} must be the {task} task's data (from {how}), got {type(dataset).__name__}: "
                         "pass the task= its data was loaded for")
 

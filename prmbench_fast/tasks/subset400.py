@@ -53,6 +53,7 @@ def select_subset400(full: PRMBenchDataset) -> PRMBenchDataset:
 
 class Subset400Task:
     name = "subset400"
+    dataset_type = PRMBenchDataset
 
     def load(self, source: Any = None) -> PRMBenchDataset:
         """``source``: the full PRMBench data (a file, folder or hub id; default as :func:`load_prmbench`)."""
