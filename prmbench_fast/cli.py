@@ -335,7 +335,7 @@ def _score(args: argparse.Namespace) -> int:
     )
     if args.output_dir:
         print(f"results, report.json and table.txt in {args.output_dir}")
-        if args.task != "bon":
+        if args.task not in ("bon", "processbench"):  # the PRMBench leaderboard and report page
             _print_summary(report, run, args.output_dir, samples=len(dataset))
     return 0
 
