@@ -33,11 +33,12 @@ test: setup
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-stacks
 
-# The wheel, a tiny PRM and the numbers every stack must reproduce are made once, here; then each stack installs that
-# wheel (--no-deps) and runs the fast suite (.ci/test-stack, .ci/stack_numbers.py).
+# The wheel, the sdist, a tiny PRM and the numbers every stack must reproduce are made once, here; then each stack
+# installs that wheel (--no-deps) and runs the fast suite (.ci/test-stack, .ci/stack_numbers.py).
 test-stacks: setup
 	rm -rf $(STACK_BUILD)
 	$(BIN)/pip wheel --no-build-isolation --no-deps -q -w $(STACK_BUILD)/wheel .
+	$(BIN)/python -m build --sdist --no-isolation --outdir $(STACK_BUILD)/sdist . > /dev/null
 	$(BIN)/python .ci/stack_numbers.py model $(STACK_BUILD)/model $(DATA)
 	$(BIN)/python .ci/stack_numbers.py compute $(STACK_BUILD)/model $(DATA) $(STACK_BUILD)/pinned.json
 	for stack in $(STACKS); do .ci/test-stack $$stack $(STACK_BUILD) $(DATA) || exit 1; done
