@@ -26,6 +26,7 @@ from ..evaluate import Report
 from ..families import FAMILY_NAMES, FamilyError, detect_family, family_class
 from ..ratios import TABLE_COLUMNS
 from ..scoring import score
+from ..tasks.processbench import ProcessBenchDataset
 
 #: Logged beside the leaderboard columns: the threshold-free AUROC of the validity scores (0-1, correct steps above
 #: error steps), the Overall a calibrated threshold would give and that threshold (``analysis.threshold_sweep``), and
@@ -84,10 +85,16 @@ def check_tokenizer(tokenizer: Any) -> None:
                         f"transformers.AutoTokenizer.from_pretrained(path) (got {type(tokenizer).__name__})")
 
 
-def datasets_by_name(dataset: Any) -> dict[str, PRMBenchDataset]:
+#: The benchmark sets a callback scores: PRMBench's, and ProcessBench's (``load_prmbench(path, task="processbench")``),
+#: which is logged under its own prefix, ``processbench/`` (``processbench/<split>_f1``, ``processbench/f1``).
+BENCHMARK_SETS = (PRMBenchDataset, ProcessBenchDataset)
+PROCESSBENCH_PREFIX = "processbench/"
+
+
+def datasets_by_name(dataset: Any) -> dict[str, PRMBenchDataset | ProcessBenchDataset]:
     """``{"": dataset}`` for one set, or the mapping name -> set; anything else is refused naming ``dataset``."""
     hint = "prmbench_fast.load_prmbench(...) or a mapping name -> one"
-    if isinstance(dataset, PRMBenchDataset):
+    if isinstance(dataset, BENCHMARK_SETS):
         return {"": dataset}
     if isinstance(dataset, Mapping):
         if not dataset:
@@ -95,7 +102,7 @@ def datasets_by_name(dataset: Any) -> dict[str, PRMBenchDataset]:
         for name, value in dataset.items():
             if not isinstance(name, str) or not name or "/" in name:
                 raise ValueError(f"dataset: names must be non-empty strings without '/', got {name!r}")
-            if not isinstance(value, PRMBenchDataset):
+            if not isinstance(value, BENCHMARK_SETS):
                 raise TypeError(f"dataset[{name!r}] must be a PRMBenchDataset ({hint}), got {type(value).__name__}")
         return dict(dataset)
     what = "a path" if isinstance(dataset, (str, os.PathLike)) else type(dataset).__name__
@@ -206,13 +213,19 @@ class ScoringSetup:
         """Every key a scoring call can log (columns of classes absent from a set are never logged)."""
         names = set()
         for name, dataset in self.datasets.items():
+            if isinstance(dataset, ProcessBenchDataset):
+                names |= {self.key(name, c, dataset) for c in (*(f"{s}_f1" for s in dataset.splits), "f1")}
+                continue
             present = {CLASS_ABBREVIATIONS[c] for c in dataset.classes if c in CLASS_ABBREVIATIONS}
             domains = {d for d, members in DOMAINS.items() if any(CLASS_ABBREVIATIONS[c] in present for c in members)}
             columns = [c for c in TABLE_COLUMNS if c == "Overall" or c in present or c in domains]
             names |= {self.key(name, c) for c in (*columns, *(EXTRA_COLUMNS if self.analyses else ("trivial",)))}
         return names
 
-    def key(self, dataset_name: str, column: str) -> str:
+    def key(self, dataset_name: str, column: str, dataset: Any = None) -> str:
+        if isinstance(dataset, ProcessBenchDataset):  # beside PRMBench's columns, under ProcessBench's own name
+            inner = "" if dataset_name in ("", "processbench") else f"{dataset_name}/"
+            return f"{PROCESSBENCH_PREFIX}{inner}{column}"
         return f"{self.prefix}{dataset_name}/{column}" if dataset_name else f"{self.prefix}{column}"
 
     def score(self, model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -223,10 +236,14 @@ class ScoringSetup:
             if self.output_dir is not None:
                 folder = self.output_dir / name if name else self.output_dir
                 options.update(output_dir=folder / f"step-{step}", overwrite=True)
+            if isinstance(dataset, ProcessBenchDataset):
+                options["task"] = "processbench"
             report = score(model, dataset, tokenizer=self.tokenizer, family=self.family, **options,
                            **self.family_options)
-            for column, value in self.row(report, dataset, step, name).items():
-                values[self.key(name, column)] = value
+            row = (processbench_row(report) if isinstance(dataset, ProcessBenchDataset)
+                   else self.row(report, dataset, step, name))
+            for column, value in row.items():
+                values[self.key(name, column, dataset)] = value
         return values
 
     def row(self, report: Report, dataset: PRMBenchDataset, step: int, name: str) -> dict[str, float]:
@@ -241,6 +258,14 @@ class ScoringSetup:
         if self.analyses and report.step_predictions is not None:
             row.update(threshold_free(report, dataset))
         return row
+
+
+def processbench_row(report: Any) -> dict[str, float]:
+    """``<split>_f1`` per split and ``f1`` (their average); NaN values (a split without erroneous or without correct
+    solutions) are not logged, as PRMBench's absent columns are not."""
+    row = {f"{split}_f1": report.official[split]["f1"] for split in report.splits}
+    row["f1"] = report.official["average_f1"]
+    return {k: v for k, v in row.items() if not np.isnan(v)}
 
 
 def trivial_predictor(report: Report) -> str | None:
