@@ -104,9 +104,8 @@ def encode_dataset(
             _ON_DISK[str(path)] = set(stored)
         on_disk = _ON_DISK[str(path)]
     wanted = [dataset.samples[p] for p in positions]
-    for sample in wanted:
-        if sample.id not in memory:
-            memory[sample.id] = family.encode(sample)
+    missing = list({sample.id: sample for sample in wanted if sample.id not in memory}.values())
+    memory.update(zip((sample.id for sample in missing), family.encode_many(missing)))
     if on_disk is not None and any(sample.id not in on_disk for sample in wanted):
         _save_disk(path, memory)
         _ON_DISK[str(path)] = set(memory)

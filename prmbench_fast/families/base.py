@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import weakref
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 
@@ -60,6 +60,8 @@ class Family(abc.ABC):
     def __init__(self, tokenizer: Any, **options: Any):
         self.tokenizer = tokenizer
         self.options = options
+        #: (text, add_special_tokens) -> token ids, tokenized in one batch by :meth:`encode_many` while it runs.
+        self._batch: dict[tuple[str, bool], list[int]] | None = None
 
     @classmethod
     def build(
@@ -119,6 +121,40 @@ class Family(abc.ABC):
         Raises :class:`FamilyError` naming the family and ``sample.id`` when the tokenizer breaks the family's
         assumptions (e.g. a separator merged into neighbouring text so that it is not found where expected).
         """
+
+    def texts(self, sample: Sample) -> Iterable[tuple[str, bool]]:
+        """The ``(text, add_special_tokens)`` pairs :meth:`encode` tokenizes through :meth:`tokens`, so that
+        :meth:`encode_many` can tokenize them in one batch first. Default: none (``encode`` calls the tokenizer)."""
+        return ()
+
+    def tokens(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """``tokenizer(text, add_special_tokens=...)["input_ids"]``, from :meth:`encode_many`'s batch when it holds
+        the text."""
+        ids = None if self._batch is None else self._batch.get((text, add_special_tokens))
+        if ids is None:
+            ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return list(ids)
+
+    def encode_many(self, samples: Sequence[Sample]) -> list[Encoded]:
+        """``[self.encode(s) for s in samples]``, with every text of :meth:`texts` tokenized first in one batch call
+        per ``add_special_tokens`` value.
+
+        A fast tokenizer encodes a batch in parallel in Rust, releasing the GIL, and gives each text the ids it gives
+        that text alone; texts repeated across samples (a question shared by its variants, steps shared by a problem's
+        variants: about half of PRMBench's questions and steps) are tokenized once.
+        """
+        wanted = dict.fromkeys(pair for sample in samples for pair in self.texts(sample))
+        batch: dict[tuple[str, bool], list[int]] = {}
+        for special in (False, True):
+            texts = [text for text, add in wanted if add is special]
+            if texts:
+                ids = self.tokenizer(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]
+                batch.update(zip(((text, special) for text in texts), ids))
+        self._batch = batch
+        try:
+            return [self.encode(sample) for sample in samples]
+        finally:
+            self._batch = None
 
     # -- rewards ----------------------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -47,19 +47,21 @@ class GenericPRM(Family):
         self.reward_token_ids = (
             None if reward_tokens is None else tuple(single_token_id(tokenizer, t, self.name) for t in reward_tokens)
         )
+        self.bos_ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         self.head = head
         self.activation = activation
         self.validity_threshold = threshold
         if reward_tokens is None and activation == "none":
             self.threshold_range = None  # a one-output head's raw value: any real number
 
+    def texts(self, sample: Sample):
+        return [(sample.question, False), *((step, False) for step in sample.steps)]
+
     def encode(self, sample: Sample) -> Encoded:
-        tok = self.tokenizer
-        ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        ids += tok(sample.question, add_special_tokens=False)["input_ids"]
+        ids = list(self.bos_ids) + self.tokens(sample.question)
         reward_pos = []
         for step in sample.steps:
-            ids += tok(step, add_special_tokens=False)["input_ids"] + self.separator_ids
+            ids += self.tokens(step) + self.separator_ids
             reward_pos.append(len(ids) - 1)
         return Encoded(ids, reward_pos)
 

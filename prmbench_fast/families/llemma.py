@@ -87,8 +87,11 @@ class LlemmaFamily(Family):
         solution = text[text.index("\n\n# Solution") + len("\n\n# Solution"):]
         return sum(len(run.group()) - 1 for run in _NEWLINE_RUN.finditer(solution))
 
+    def texts(self, sample: Sample):
+        return [(self.build_text(sample), True)]
+
     def encode(self, sample: Sample) -> Encoded:
-        ids = [int(t) for t in self.tokenizer.encode(self.build_text(sample))]
+        ids = [int(t) for t in self.tokens(self.build_text(sample), add_special_tokens=True)]
         begun = False
         positions = []
         n_begin, n_scoring = len(self.begin), len(self.scoring)

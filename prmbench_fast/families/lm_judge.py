@@ -33,19 +33,33 @@ class LMJudge(Family):
         super().__init__(tokenizer, positive=positive, negative=negative, threshold=threshold)
         self.verdict_ids = (single_token_id(tokenizer, positive, self.name), single_token_id(tokenizer, negative, self.name))
         self.after_verdict = tokenizer(positive + "\n", add_special_tokens=False)["input_ids"]
+        #: question -> its rendered prompt: a problem's variants share their question, and :meth:`texts` and
+        #: :meth:`encode` both need it.
+        self._prompts: dict[str, str] = {}
         self.validity_threshold = threshold
 
-    def prompt_ids(self, question: str) -> list[int]:
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": USER_PROMPT.format(question=question)}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def prompt_text(self, question: str) -> str:
+        if question not in self._prompts:
+            messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                        {"role": "user", "content": USER_PROMPT.format(question=question)}]
+            self._prompts[question] = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                         add_generation_prompt=True)
+        return self._prompts[question]
+
+    @staticmethod
+    def step_text(i: int, step: str) -> str:
+        return f"Step {i}: {clean_step(step)}\nVerdict:"
+
+    def texts(self, sample: Sample):
+        return [(self.prompt_text(sample.question), False),
+                *((self.step_text(i, step), False) for i, step in enumerate(sample.steps, start=1))]
 
     def encode(self, sample: Sample) -> Encoded:
-        ids = self.prompt_ids(sample.question)
+        ids = self.tokens(self.prompt_text(sample.question))
         reward_pos = []
         for i, step in enumerate(sample.steps, start=1):
             # Each piece is tokenized on its own, so the reward position is exact whatever the tokenizer merges.
-            ids += self.tokenizer(f"Step {i}: {clean_step(step)}\nVerdict:", add_special_tokens=False)["input_ids"]
+            ids += self.tokens(self.step_text(i, step))
             reward_pos.append(len(ids) - 1)
             ids += self.after_verdict
         return Encoded(ids, reward_pos)

@@ -71,8 +71,11 @@ class MathShepherdFamily(Family):
                 parts.append(f"Step {i}: {text} {STEP_TAG}\n")
         return f"{sample.question} " + "".join(parts)
 
+    def texts(self, sample: Sample):
+        return [(self.build_text(sample), True)]
+
     def encode(self, sample: Sample) -> Encoded:
-        ids = list(self.tokenizer.encode(self.build_text(sample)))
+        ids = self.tokens(self.build_text(sample), add_special_tokens=True)
         reward_pos = [p for p, token in enumerate(ids) if token == self.tag_id]
         if self.strict and len(reward_pos) != len(sample.steps):
             raise FamilyError(

@@ -46,16 +46,13 @@ class PurePRMFamily(Family):
             raise FamilyError(f"pure_prm: unknown options {sorted(unknown)}; known: {', '.join(precision.OPTIONS)}")
         super().__init__(tokenizer, **options)
         self.mixed_precision = precision.official_mixed_precision(self.name, options)
-        ids = self._tokens(STEP_SEPARATOR)
+        ids = self.tokens(STEP_SEPARATOR)
         if len(ids) != 1:
             raise FamilyError(
                 f"pure_prm: the tokenizer encodes the step separator {STEP_SEPARATOR!r} as {len(ids)} tokens "
                 f"({ids}); the official code needs exactly one"
             )
         self.separator_id = ids[0]
-
-    def _tokens(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @classmethod
     def load_model(cls, name_or_path: str, **from_pretrained_kwargs: Any) -> torch.nn.Module:
@@ -73,11 +70,14 @@ class PurePRMFamily(Family):
         # A config that names another architecture is not a PURE checkpoint, whatever its name says.
         return not architectures or "Qwen2ForTokenClassification" in architectures
 
+    def texts(self, sample: Sample):
+        return [(sample.question, False), *((step, False) for step in sample.steps)]
+
     def encode(self, sample: Sample) -> Encoded:
-        ids = self._tokens(sample.question)
+        ids = self.tokens(sample.question)
         reward_pos = []
         for step in sample.steps:
-            ids.extend(self._tokens(step))
+            ids.extend(self.tokens(step))
             reward_pos.append(len(ids))
             ids.append(self.separator_id)
         return Encoded(input_ids=ids, reward_pos=reward_pos)

@@ -173,8 +173,11 @@ class ReasonEvalFamily(Family):
         steps = "".join(clean_step(step) + self.separator for step in sample.steps)
         return PROMPT_FORMAT.format(question=sample.question) + self.separator + steps
 
+    def texts(self, sample: Sample):
+        return [(self.build_text(sample), True)]
+
     def encode(self, sample: Sample) -> Encoded:
-        tokens = self.tokenizer(self.build_text(sample))["input_ids"]
+        tokens = self.tokens(self.build_text(sample), add_special_tokens=True)
         indices, ids = [], []
         for position, token in enumerate(tokens):
             if token == self.separator_id:

@@ -112,17 +112,20 @@ class SkyworkFamily(Family):
         """The response string the official adapter hands to ``prepare_input``."""
         return "".join(f"Step {i}: {clean_step(step).strip()} {STEP_TAG}\n" for i, step in enumerate(sample.steps, 1))
 
+    def texts(self, sample: Sample):
+        pieces = self.build_response(sample).split(STEP_TAG)
+        return [(self.tokenizer.bos_token + sample.question + "\n", True), *((p, True) for p in pieces if p)]
+
     def encode(self, sample: Sample) -> Encoded:
         response = self.build_response(sample)
         # PRMBench texts never contain the tag; one inside a step would add a reward the steps do not account for.
         if response.count(STEP_TAG) != len(sample.steps):
             raise FamilyError(f"skywork: sample {sample.id!r}: a step contains the step tag {STEP_TAG!r}")
-        tok = self.tokenizer
-        ids = list(tok.encode(tok.bos_token + sample.question + "\n"))
+        ids = self.tokens(self.tokenizer.bos_token + sample.question + "\n", add_special_tokens=True)
         reward_pos = []
         for piece in response.split(STEP_TAG):
             if piece:
-                ids.extend(tok.encode(piece))
+                ids.extend(self.tokens(piece, add_special_tokens=True))
             reward_pos.append(len(ids))
             ids.append(self.tag_id)
         return Encoded(input_ids=ids, reward_pos=reward_pos)
