@@ -92,6 +92,22 @@ class PackedBatch:
         """T."""
         return sum(self.seqlens)
 
+    def pin_memory(self) -> PackedBatch:
+        """A copy with every tensor in page-locked host memory, from which a non-blocking copy to a GPU does not
+        block the host (from pageable memory it does)."""
+        return replace(
+            self,
+            input_ids=self.input_ids.pin_memory(),
+            position_ids=self.position_ids.pin_memory(),
+            cu_seqlens=self.cu_seqlens.pin_memory(),
+            step_pos=self.step_pos.pin_memory(),
+            cu_steps=self.cu_steps.pin_memory(),
+        )
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The batch's tensors (for ``record_stream`` after a copy on another stream)."""
+        return self.input_ids, self.position_ids, self.cu_seqlens, self.step_pos, self.cu_steps
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
         """A copy with every tensor on ``device``. The copies only overlap with compute from pinned host memory."""
         return replace(

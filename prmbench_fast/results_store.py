@@ -12,7 +12,8 @@ Layout of ``output_dir``:
     report.json, table.txt  the final report, written atomically once every sample is scored
     cache/                tokenized samples (safetensors), so a resumed run does not tokenize again (kept by overwrite)
 
-Result lines are appended a batch at a time and fsync'ed, so a crash (even SIGKILL) loses at most the batch in flight;
+Result lines are appended a batch at a time and fsync'ed (by :class:`ResultsWriter`, on a thread of its own, so the
+host queues the next batch meanwhile), so a crash (even SIGKILL) loses at most the batches in flight;
 a torn last line is cut off on the next open. A line that cannot be a result (torn, not JSON, no ``idx``...) is
 skipped with a :class:`~prmbench_fast.io.FileWarning` naming file and line, never resumed; so is a line that parses
 but whose scores the evaluator cannot read (``{"idx": ..., "scores": {"foo": 1}}``, a label "yes"), and its sample
@@ -29,8 +30,10 @@ import fcntl
 import json
 import os
 import pathlib
+import queue
+import threading
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .io import (
     FileError,
@@ -233,6 +236,59 @@ class ResultsStore:
 
 _WAY_OUT = "pass --overwrite (overwrite=True in Python) to delete its results and start over, or use another folder"
 _ABSENT = object()
+
+
+class ResultsWriter:
+    """Appends batches of result lines to a :class:`ResultsStore` on a thread of its own, in submission order.
+
+    ``submit(ready, results)``: ``ready`` (an object with ``synchronize()``, e.g. the ``torch.cuda.Event`` recorded
+    after the batch's device-to-host copy, or None) is waited for on the writer thread, then ``results()`` builds the
+    lines from the host copy and :meth:`ResultsStore.append` writes them (one write, fsync'ed) exactly as a direct
+    call would. At most ``depth`` batches wait in the queue, so a kill loses at most ``depth`` + 1 batches (the
+    queued ones and the one being written), and nothing half-written: a torn line is cut on the next open.
+    The first error (a full disk) stops the writing and is raised by the next :meth:`submit` or by :meth:`close`.
+    """
+
+    def __init__(self, store: ResultsStore, *, depth: int = 2):
+        self.store = store
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="prmbench-results-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                ready, results = item
+                try:
+                    if ready is not None:
+                        ready.synchronize()
+                    self.store.append(results())
+                except BaseException as err:  # noqa: BLE001 handed to the scoring thread, which raises it
+                    self._error = err
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, ready: Any, results: Callable[[], Iterable[dict[str, Any]]]) -> None:
+        self._raise()
+        self._queue.put((ready, results))
+
+    def stop(self) -> None:
+        """Write what was submitted and end the thread (also when the scoring loop failed or was interrupted)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def close(self) -> None:
+        """:meth:`stop`, then raise the writer's error if it had one."""
+        self.stop()
+        self._raise()
 
 
 def _shown(value: Any) -> str:

@@ -9,9 +9,12 @@ official rule, and the evaluator scores the labels with the counting op (``prmbe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -24,10 +27,10 @@ from .fingerprint import weights_fingerprint
 from .live_model import unwrap_model, whole_parameters
 from .io import check_checkpoint_files, looks_like_hub_id
 from .models import check_device, check_model_folder
-from .packing import TokenizedSample, backbone_hidden_states
+from .packing import PackedBatch, TokenizedSample, backbone_hidden_states
 from .predictions import StepPredictions, parse_results
 from .prefix_sharing import prefix_sharing_unsupported, shared_step_hidden
-from .results_store import ResultsStore
+from .results_store import ResultsStore, ResultsWriter
 from .tasks import check_task_dataset, get_task
 from .token_cache import encode_dataset, packed_batches
 
@@ -238,9 +241,9 @@ def score(
                                    cache_dir=cache_dir)
             tokens = sum(b.num_tokens for b in units)
         run = _Run(fam, dataset, store, tokens, progress=progress and rank == 0)
-        stack.callback(run.bar.close)  # also when a batch fails
+        stack.callback(run.stop)  # also when a batch fails: the batches already scored are still written
         with _inference(model):
-            for unit in units:
+            for unit in (units if share else _on_device(units, device)):
                 run.batch(model, unit, share=share, device=device, max_length=max_length, batch_tokens=batch_tokens,
                           backend=backend)
         run.finish(device)
@@ -315,7 +318,8 @@ class _Run:
     run folder (the one host copy), progress and throughput figures."""
 
     def __init__(self, fam: Family, dataset, store: ResultsStore | None, tokens: int, *, progress: bool):
-        self.fam, self.store = fam, store
+        self.fam = fam
+        self.writer = ResultsWriter(store) if store is not None else None
         self.sample_ids = [s.id for s in dataset.samples] if store is not None else None
         self.parts: list[StepPredictions] = []
         self.tokens_computed = 0
@@ -331,15 +335,16 @@ class _Run:
             meta, hidden, step_pos, cu_steps = rows, rows.hidden, rows.step_pos, rows.cu_steps
             self.tokens_computed += rows.stats.tokens_computed
         else:
-            meta, on_device = unit, unit.to(device)
+            meta, on_device = unit
             hidden = backbone_hidden_states(model, on_device)
             step_pos, cu_steps = on_device.step_pos, on_device.cu_steps
-            self.tokens_computed += unit.num_tokens
+            self.tokens_computed += meta.num_tokens
         self.dropped.extend(meta.dropped_rewards)
         scores = self.fam.step_scores(model, hidden, step_pos, backend=backend)
         labels = self.fam.step_labels(scores, cu_steps)
+        sample_pos = torch.tensor(meta.sample_keys, dtype=torch.int64)
         part = StepPredictions(
-            sample_pos=torch.tensor(meta.sample_keys, dtype=torch.int64).to(device, non_blocking=True),
+            sample_pos=sample_pos.to(device, non_blocking=True),
             cu_steps=cu_steps,
             validity_labels=labels["validity"],
             validity_scores=scores["validity"],
@@ -347,17 +352,78 @@ class _Run:
             redundancy_scores=scores.get("redundancy"),
         )
         self.parts.append(part)
-        if self.store is not None:
-            self.store.append(part.to_results(self.sample_ids))  # the one host copy, for the file
+        if self.writer is not None:
+            # The one host copy, for the file: queued behind the batch's kernels, waited for and written on the
+            # writer thread, so the host goes on queueing the next batch.
+            host, ready = _host_copy(dataclasses.replace(part, sample_pos=sample_pos))
+            self.writer.submit(ready, functools.partial(host.to_results, self.sample_ids))
         self.bar.update(meta.num_tokens)
 
     def finish(self, device: torch.device) -> None:
         # The batches' kernels are queued, not finished, when the loop ends (nothing syncs per batch): the clock is
-        # read after the device has run them, or tokens/s would count queued work as done.
+        # read after the device has run them and the writer has written their lines, or tokens/s would count queued
+        # work as done.
+        if self.writer is not None:
+            self.writer.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.seconds = time.perf_counter() - self.start
         self.bar.close()
+
+    def stop(self) -> None:
+        if self.writer is not None:
+            self.writer.stop()
+        self.bar.close()
+
+
+def _host_copy(part: StepPredictions) -> tuple[StepPredictions, Any]:
+    """``part`` with its device tensors copied to page-locked host memory without blocking the host, and the CUDA
+    event after which the copies are complete; a part already on the host is returned as it is, with no event."""
+    if part.cu_steps.device.type != "cuda":
+        return part, None
+    host = {}
+    for field in dataclasses.fields(part):
+        value = getattr(part, field.name)
+        if value is not None and value.device.type == "cuda":
+            value = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+        host[field.name] = value
+    ready = torch.cuda.Event()
+    ready.record()
+    return StepPredictions(**host), ready
+
+
+def _on_device(units: Iterable[PackedBatch], device: torch.device) -> Iterator[tuple[PackedBatch, PackedBatch]]:
+    """(host batch, the batch on ``device``) for each packed batch. On CUDA, batch k+1's copies are issued from
+    pinned memory on a side stream before batch k is handed out, so they run while batch k's forward runs and the
+    host never waits for a copy; the compute stream waits for the copy's event before using the batch."""
+    if device.type != "cuda":
+        for unit in units:
+            yield unit, unit.to(device)
+        return
+    side = torch.cuda.Stream(device)
+
+    def issue(unit: PackedBatch):
+        with torch.cuda.stream(side):
+            on_device = unit.pin_memory().to(device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(side)
+        return unit, on_device, copied
+
+    def hand_out(unit: PackedBatch, on_device: PackedBatch, copied) -> tuple[PackedBatch, PackedBatch]:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_event(copied)
+        for tensor in on_device.tensors():
+            tensor.record_stream(compute)  # allocated on the side stream, freed after the compute stream's use
+        return unit, on_device
+
+    pending = None
+    for unit in units:
+        issued = issue(unit)
+        if pending is not None:
+            yield hand_out(*pending)
+        pending = issued
+    if pending is not None:
+        yield hand_out(*pending)
 
 
 def _run_identity(model: torch.nn.Module, fam: Family, dataset: PRMBenchDataset, max_length: int) -> dict[str, Any]:
