@@ -14,7 +14,7 @@ STACK_BUILD := build/stacks
 # make gpu-check: the GPU machine's own interpreter.
 GPU_PYTHON ?= python3
 
-.PHONY: setup test test-fast test-stacks demo bench gpu-data processbench-data gpu-check clean
+.PHONY: setup test test-fast test-stacks demo bench bench-kernels gpu-data processbench-data gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/bench_evaluate.py --data $(DATA)
+
+# pytest-benchmark suites (kernels vs plain torch, counting op, evaluate() vs the official loop): saved under
+# .benchmarks/ per commit; compare two with `$(BIN)/pytest-benchmark compare` or `--benchmark-compare=NNNN`.
+bench-kernels: setup
+	PRMBENCH_DATA=$(DATA) $(BIN)/python -m pytest bench/suite_kernels.py bench/suite_evaluate.py -p no:cacheprovider \
+		--benchmark-enable --benchmark-autosave --benchmark-columns=min,median,mean,stddev,rounds
 
 # The subset400 rows gpu-check reads, in a git-ignored folder inside the checkout (name it in the device tool's carry).
 gpu-data: data/subset400_official.jsonl
