@@ -244,7 +244,8 @@ def _check_score_args(args: argparse.Namespace) -> None:
 #: given to the other kind of run they would be silently ignored, so they are refused.
 PRM_OPTIONS = ("model", "family", "max_length", "batch_tokens", "dtype", "device", "backend", "cache_dir",
                "validity_threshold", "redundancy_threshold")
-CRITIC_OPTIONS = ("api_base", "api_model", "shots", "concurrency", "timeout", "max_retries", "retry_invalid")
+CRITIC_OPTIONS = ("api_base", "api_model", "shots", "critique_template", "concurrency", "timeout", "max_retries",
+                  "retry_invalid")
 
 
 def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
@@ -256,8 +257,12 @@ def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
 def _check_critic_args(args: argparse.Namespace) -> None:
     if not args.api_model:
         raise ValueError("--critic needs --api-model (the model name the endpoint serves)")
-    if args.task != "prmbench":
-        raise ValueError(f"--critic scores --task prmbench only, not {args.task}")
+    if args.task not in ("prmbench", "processbench"):
+        raise ValueError(f"--critic scores --task prmbench or processbench, not {args.task}")
+    if args.task == "processbench" and args.shots is not None:
+        raise ValueError("--shots: for PRMBench critics; the ProcessBench critic sends one message without examples")
+    if args.task != "processbench" and args.critique_template:
+        raise ValueError("--critique-template applies to --task processbench only")
     prm_only = _given(args, PRM_OPTIONS)
     if prm_only:
         raise ValueError(f"{', '.join(prm_only)}: for PRM checkpoints, not for --critic (a critic is the model "
@@ -277,9 +282,19 @@ def _check_prm_args(args: argparse.Namespace) -> None:
 def _score_critic(args: argparse.Namespace, dataset) -> int:
     from .critic import score_critic  # not through score(): the critic needs neither torch's compiler nor a model
 
-    report = score_critic(dataset, api_model=args.api_model, api_base=args.api_base, shots=args.shots,
-                          concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
-                          output_dir=args.output_dir, overwrite=args.overwrite, retry_invalid=args.retry_invalid,
+    template = None
+    if args.critique_template:
+        from .io import FileError, read_lines
+        from .tasks.processbench import check_critique_template
+
+        template = "".join(text for _, text in read_lines(args.critique_template))
+        try:
+            check_critique_template(template)
+        except ValueError as err:
+            raise FileError(args.critique_template, None, None, str(err)) from None
+    report = score_critic(dataset, api_model=args.api_model, api_base=args.api_base, task=args.task,
+                          shots=args.shots, critique_template=template, concurrency=args.concurrency,
+                          timeout=args.timeout, max_retries=args.max_retries, output_dir=args.output_dir, overwrite=args.overwrite, retry_invalid=args.retry_invalid,
                           progress=not args.no_progress)
     run = report.run
     print(report.format_table())
@@ -411,7 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--critic", action="store_true", help="evaluate an LLM critic behind an OpenAI-compatible API")
     sc.add_argument("--api-base", help="critic endpoint base URL (default: $OPENAI_BASE_URL)")
     sc.add_argument("--api-model", help="critic model name as the endpoint serves it")
-    sc.add_argument("--shots", type=int, default=2, choices=[0, 1, 2], help="critic few-shot examples")
+    sc.add_argument("--shots", type=int, choices=[0, 1, 2], help="PRMBench critic: few-shot examples (default 2)")
+    sc.add_argument("--critique-template", metavar="FILE",
+                    help="ProcessBench critic: the prompt template ({problem}, {tagged_response}), e.g. the official "
+                    "code/templates/critique_template.txt (default: this package's wording of it)")
     sc.add_argument("--concurrency", type=_positive_int, default=16, help="critic requests in flight")
     sc.add_argument("--timeout", type=_positive_float, default=60.0, help="critic: seconds per request")
     sc.add_argument("--max-retries", type=_positive_int, default=5,

@@ -13,6 +13,11 @@ Layout of ``output_dir`` (on top of the :mod:`prmbench_fast.results_store` layou
 
 The API key is never written to the folder nor shown in a message: the run identity holds the endpoint's URL without
 credentials, and every error text stored or raised has the key masked.
+
+``task="processbench"`` asks ProcessBench's critique question instead (SPEC §9, the official ``code/run_eval.py``):
+one user message with the problem and the tagged paragraphs, the index of the earliest wrong paragraph (-1: none)
+read from the last ``\\boxed{}`` (:mod:`prmbench_fast.tasks.processbench`), the same machinery around it. What
+differs between the two is a :class:`CriticProtocol`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from .data import PRMBenchDataset, Sample, load_prmbench
 from .evaluate import Report, evaluate
+from .tasks import check_task_dataset
 from .families.text import clean_step
 from .io import FileWriteError
 from .results_store import ResultsStore, ordered_predictions
@@ -236,19 +242,64 @@ def critic_result(sample: Sample, response_text: str | None) -> dict[str, Any]:
     scores that cannot be compared with 0 is also invalid here; :func:`score_critic` asks again first, as the
     official adapter does.
     """
+    return _stored_result(_answer_result, sample, response_text)
+
+
+def _answer_result(sample: Sample, response_text: str | None) -> dict[str, Any]:
+    """:func:`critic_result`, except that scores not comparable with 0 raise TypeError: the asker asks again."""
     answer = parse_critic_response(response_text)
-    if answer is not None:
-        try:
-            return {"scores": _score_fields(answer), "idx": sample.id, "validity": True}
-        except TypeError:
-            pass
-    return {"validity": False, "idx": sample.id, "original_response": response_text}
+    if answer is None:  # an answer arrived but is unusable: invalid, not asked again (official)
+        return {"validity": False, "idx": sample.id, "original_response": response_text}
+    return {"scores": _score_fields(answer), "idx": sample.id, "validity": True}
 
 
-def results_from_responses(dataset: PRMBenchDataset, output_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+@dataclasses.dataclass(frozen=True)
+class CriticProtocol:
+    """What a task asks a critic and how an answer becomes a result line; the rest (requests, retries, storage,
+    resume) is shared.
+
+    Attributes:
+        task: the task whose data and evaluator the results go to.
+        messages: sample -> the chat messages of its request.
+        result: (sample, answer text or None) -> its result line; raising TypeError means "ask again" (an answer
+            that parses but cannot be used, e.g. scores that are not numbers).
+        identity: what the answers depend on beside the endpoint and sampling settings (prompt version...), for
+            run.json and report.run.
+    """
+
+    task: str
+    messages: Callable[[Any], list[dict[str, str]]]
+    result: Callable[[Any, str | None], dict[str, Any]]
+    identity: dict[str, Any]
+
+
+def prmbench_protocol(*, shots: int = 2, system_role: str = "system", task: str = "prmbench") -> CriticProtocol:
+    """The official PRMBench critic: system prompt, ``shots`` worked examples, JSON validity/redundancy scores."""
+    if not 0 <= shots <= len(FEW_SHOTS):
+        raise ValueError(f"shots must be 0, 1 or 2, got {shots}")
+    return CriticProtocol(task, lambda sample: build_messages(sample, shots=shots, system_role=system_role),
+                          _answer_result, {"prompt": PROMPT_VERSION, "shots": shots, "system_role": system_role})
+
+
+def processbench_protocol(critique_template: str | None = None) -> CriticProtocol:
+    """The official ProcessBench critic (:mod:`prmbench_fast.tasks.processbench`): one user message from the
+    critique template (default: this package's wording of it), the last ``\\boxed{}`` read as the index."""
+    from .tasks import processbench
+
+    template = processbench.check_critique_template(
+        processbench.CRITIQUE_TEMPLATE if critique_template is None else critique_template)
+    version = hashlib.sha256(template.encode("utf-8")).hexdigest()[:12]
+    return CriticProtocol("processbench", lambda sample: processbench.critique_messages(sample, template),
+                          processbench.critique_result, {"task": "processbench", "prompt": version})
+
+
+def results_from_responses(dataset: PRMBenchDataset, output_dir: str | os.PathLike,
+                           protocol: CriticProtocol | None = None) -> dict[str, dict[str, Any]]:
     """Re-parse the raw answers kept in ``output_dir/responses.jsonl`` (the last line per sample wins: an earlier one
-    belongs to an attempt whose result was lost in a crash). Samples that never got an answer are invalid without
-    ``original_response``, as the official adapter stores them. Ids not in ``dataset`` are left out."""
+    belongs to an attempt whose result was lost in a crash) with ``protocol``'s parsing (default: PRMBench's).
+    Samples that never got an answer are invalid without ``original_response``, as the official adapter stores them.
+    Ids not in ``dataset`` are left out."""
+    protocol = protocol or prmbench_protocol()
     responses: dict[str, dict[str, Any]] = {}
     with open(pathlib.Path(output_dir) / RESPONSES_FILE, encoding="utf-8") as f:
         for line in f:
@@ -261,7 +312,7 @@ def results_from_responses(dataset: PRMBenchDataset, output_dir: str | os.PathLi
         if record is None:
             continue
         if record["answered"]:
-            results[sample.id] = critic_result(sample, record["response"])
+            results[sample.id] = _stored_result(protocol.result, sample, record["response"])
         else:
             results[sample.id] = {"validity": False, "idx": sample.id}
     return results
@@ -290,15 +341,24 @@ _FATAL_STATUSES = (401, 403, 404)
 _REJECTED_STATUSES = (400, 413, 422)
 
 
+def _stored_result(result: Callable[[Any, str | None], dict[str, Any]], sample: Any,
+                   text: str | None) -> dict[str, Any]:
+    """``result(sample, text)``, or invalid where it raises TypeError (an answer the asker would ask again about is
+    stored invalid after the last attempt)."""
+    try:
+        return result(sample, text)
+    except TypeError:
+        return {"validity": False, "idx": sample.id, "original_response": text}
+
+
 class _Asker:
-    def __init__(self, client, *, api_model, shots, system_role, temperature, max_retries, retry_interval,
+    def __init__(self, client, *, api_model, protocol: CriticProtocol, temperature, max_retries, retry_interval,
                  max_tokens, extra_body, stop: threading.Event, endpoint: str, mask: Callable[[str], str]):
         self.client = client
         self.endpoint = endpoint
         self.mask = mask
         self.api_model = api_model
-        self.shots = shots
-        self.system_role = system_role
+        self.protocol = protocol
         self.temperature = temperature
         self.max_retries = max_retries
         self.retry_interval = retry_interval
@@ -319,7 +379,7 @@ class _Asker:
     def __call__(self, sample: Sample) -> _Outcome | None:
         import openai
 
-        messages = build_messages(sample, shots=self.shots, system_role=self.system_role)
+        messages = self.protocol.messages(sample)
         errors: list[str] = []
         text: str | None = None
         prompt_tokens = completion_tokens = 0
@@ -332,11 +392,7 @@ class _Asker:
                 prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
                 completion_tokens += getattr(usage, "completion_tokens", 0) or 0
                 text = completion.choices[0].message.content
-                answer = parse_critic_response(text)
-                if answer is None:  # an answer arrived but is unusable: invalid, not asked again (official)
-                    result = {"validity": False, "idx": sample.id, "original_response": text}
-                else:
-                    result = {"scores": _score_fields(answer), "idx": sample.id, "validity": True}
+                result = self.protocol.result(sample, text)
                 return _Outcome(result, text, True, attempt, errors, prompt_tokens, completion_tokens)
             except openai.APIStatusError as err:
                 errors.append(f"HTTP {err.status_code}: {self.mask(_short(err))}")
@@ -505,7 +561,9 @@ def score_critic(
     api_model: str,
     api_base: str | None = None,
     api_key: str | None = None,
-    shots: int = 2,
+    task: str = "prmbench",
+    shots: int | None = None,
+    critique_template: str | None = None,
     temperature: float | None = None,
     system_role: str | None = None,
     max_tokens: int | None = None,
@@ -519,19 +577,27 @@ def score_critic(
     progress: bool = True,
     extra_body: Mapping[str, Any] | None = None,
 ) -> Report:
-    """Evaluate an LLM prompted as a critic on PRMBench, through an OpenAI-compatible chat endpoint (vLLM, SGLang,
-    a hosted API).
+    """Evaluate an LLM prompted as a critic on PRMBench (or ProcessBench), through an OpenAI-compatible chat endpoint
+    (vLLM, SGLang, a hosted API).
 
     Args:
-        dataset: the evaluation set (default: ``load_prmbench()``).
+        dataset: the evaluation set (default: ``load_prmbench(task=task)``).
         api_model: the model name the endpoint serves.
         api_base: the endpoint's base URL, e.g. ``http://localhost:8000/v1`` (default: ``$OPENAI_BASE_URL``, else
             the OpenAI API).
         api_key: the key (default: ``$OPENAI_API_KEY``, else the placeholder "EMPTY" that keyless local servers accept).
-        shots: worked examples before the query, 0, 1 or 2 (official default 2).
+        task: "prmbench" (the PRMBench critic protocol) or "processbench" (ProcessBench's critique question: one
+            user message, the earliest wrong paragraph's index read from the last ``\\boxed{}``, None when it is
+            missing or no int; ``dataset`` from ``load_prmbench(path, task="processbench")``). The official
+            ProcessBench runs sample greedily with ``seed=42`` and 8,192 new tokens: pass ``max_tokens=8192,
+            extra_body={"seed": 42}`` to match them.
+        shots: worked examples before the query, 0, 1 or 2 (official default 2); PRMBench only.
+        critique_template: task "processbench": the prompt, a ``str.format`` template with ``{problem}`` and
+            ``{tagged_response}`` (default: this package's wording of the official critique template; pass the
+            official file's text to send it verbatim).
         temperature: default as the official adapter: 1.0 for o1-mini/o1-preview, else 0.
         system_role: the role of the system prompt; default "user" for o1-mini/o1-preview, else "system" (the
-            official vLLM adapter sends it as "user": pass ``system_role="user"`` to match those runs).
+            official vLLM adapter sends it as "user": pass ``system_role="user"`` to match those runs); PRMBench only.
         max_tokens: the answer length limit sent with each request (default: none sent, as the official API adapter).
         concurrency: requests in flight at once.
         max_retries: attempts per sample. Timeouts, connection errors, HTTP 429/5xx and answers whose scores are not
@@ -554,16 +620,28 @@ def score_critic(
     Returns:
         The :class:`~prmbench_fast.evaluate.Report` of ``evaluate()`` on every sample's result, with
         ``report.predictions`` (the official result dicts) and ``report.run`` (requests, retries, invalid answers,
-        tokens, seconds, requests/s).
+        tokens, seconds, requests/s). Task "processbench": the
+        :class:`~prmbench_fast.tasks.processbench.ProcessBenchReport` (its ``predictions``: id -> index or None).
     """
-    if not 0 <= shots <= len(FEW_SHOTS):
-        raise ValueError(f"shots must be 0, 1 or 2, got {shots}")
+    if task == "processbench":
+        given = [name for name, value in (("shots", shots), ("system_role", system_role)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: PRMBench critic options; the ProcessBench critic sends one user "
+                             "message without examples")
+        protocol = processbench_protocol(critique_template)
+    elif critique_template is not None:
+        raise ValueError("critique_template applies to task='processbench' only")
+    else:
+        if task not in ("prmbench",):
+            raise ValueError(f"critics score task 'prmbench' or 'processbench', not {task!r}")
+        system_role = system_role or default_system_role(api_model)
+        protocol = prmbench_protocol(shots=2 if shots is None else shots, system_role=system_role)
     if concurrency < 1 or max_retries < 1:
         raise ValueError("concurrency and max_retries must be at least 1")
     if not timeout > 0 or timeout == float("inf"):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    dataset = dataset if dataset is not None else load_prmbench()
-    system_role = system_role or default_system_role(api_model)
+    dataset = dataset if dataset is not None else load_prmbench(task=task)
+    check_task_dataset(task, dataset)
     temperature = default_temperature(api_model) if temperature is None else float(temperature)
     extra_body = dict(extra_body) if extra_body else None
     api_base = api_base or os.environ.get("OPENAI_BASE_URL") or None
@@ -585,11 +663,10 @@ def score_critic(
 
     store = None
     if output_dir is not None:
-        identity = {"family": "critic", "endpoint": endpoint, "model": api_model, "prompt": PROMPT_VERSION,
-                    "shots": shots, "system_role": system_role, "temperature": temperature, "max_tokens": max_tokens,
-                    "extra_body": extra_body}
+        identity = {"family": "critic", "endpoint": endpoint, "model": api_model, **protocol.identity,
+                    "temperature": temperature, "max_tokens": max_tokens, "extra_body": extra_body}
         store = ResultsStore(output_dir, identity, overwrite=overwrite, kind="critic")
-    ask = _Asker(client, api_model=api_model, shots=shots, system_role=system_role, temperature=temperature,
+    ask = _Asker(client, api_model=api_model, protocol=protocol, temperature=temperature,
                  max_retries=max_retries, retry_interval=retry_interval, max_tokens=max_tokens,
                  extra_body=extra_body, stop=threading.Event(), endpoint=endpoint,
                  mask=_masker(api_key, str(client.base_url)))
@@ -602,8 +679,8 @@ def score_critic(
     return report
 
 
-def _ask_and_evaluate(dataset: PRMBenchDataset, ask: _Asker, store: ResultsStore | None, *, concurrency: int,
-                      overwrite: bool, retry_invalid: bool, progress: bool) -> Report:
+def _ask_and_evaluate(dataset: Any, ask: _Asker, store: ResultsStore | None, *, concurrency: int,
+                      overwrite: bool, retry_invalid: bool, progress: bool) -> Any:
     """Resume from ``store``, ask about every other sample, store the answers as they arrive, evaluate them all."""
     finished: dict[str, dict[str, Any]] = {}
     responses = None
@@ -642,15 +719,15 @@ def _ask_and_evaluate(dataset: PRMBenchDataset, ask: _Asker, store: ResultsStore
     seconds = time.perf_counter() - start
 
     ordered = ordered_predictions(dataset, finished, new_results)
-    report = evaluate(dataset, ordered)
+    task = ask.protocol.task
+    report = evaluate(dataset, ordered, task=task)
     report.run = {
         "family": "critic",
+        "task": task,
         "model": ask.api_model,
         "api_base": ask.endpoint,
-        "shots": ask.shots,
-        "system_role": ask.system_role,
+        **ask.protocol.identity,
         "temperature": ask.temperature,
-        "prompt": PROMPT_VERSION,
         "samples_scored": len(todo),
         "samples_resumed": len(finished),
         "unknown_stored_ids": len(store.unknown_ids) if store is not None else 0,
@@ -666,5 +743,6 @@ def _ask_and_evaluate(dataset: PRMBenchDataset, ask: _Asker, store: ResultsStore
         "samples_per_second": len(todo) / seconds if seconds > 0 else None,
         "concurrency": concurrency,
     }
-    report.predictions = ordered
+    if task != "processbench":  # a ProcessBench report's predictions are the indices its evaluator read
+        report.predictions = ordered
     return report

@@ -18,7 +18,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class FakeCritic:
-    """``POST /v1/chat/completions`` answering from a script keyed by the question of the last user message.
+    """``POST /v1/chat/completions`` answering from a script keyed by the question of the last user message (by
+    ``key(body)`` when given: another prompt layout).
 
     ``script[question]`` is a list of actions, one per call for that question (the last one repeats):
     ``("answer", text)``, ``("status", code)``, ``("echo", code)`` (an error whose message repeats the request's
@@ -26,8 +27,9 @@ class FakeCritic:
     drop the connection) and ``("slow", seconds, text)`` (answer after a delay). Every request body is recorded.
     """
 
-    def __init__(self, script):
+    def __init__(self, script, key=None):
         self.script = script
+        self.key = key or self.question_of
         self.bodies = []
         self.calls = Counter()
         self.lock = threading.Lock()
@@ -69,7 +71,7 @@ class FakeCritic:
 
     def handle(self, handler, body):
         assert handler.path == "/v1/chat/completions"
-        question = self.question_of(body)
+        question = self.key(body)
         with self.lock:
             self.bodies.append(body)
             call = self.calls[question]
@@ -108,8 +110,8 @@ class FakeCritic:
 def serve():
     servers = []
 
-    def start(script):
-        servers.append(FakeCritic(script))
+    def start(script, key=None):
+        servers.append(FakeCritic(script, key))
         return servers[-1]
 
     yield start

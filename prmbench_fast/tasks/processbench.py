@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
@@ -301,6 +302,9 @@ def _results_predictions(dataset: ProcessBenchDataset, results: Any, validity_th
         if out[position] != MISSING:
             repeats += 1  # the first prediction of a sample wins
             continue
+        if isinstance(record, Mapping) and "prediction" not in record and record.get("validity", True) is False:
+            out[position] = INVALID  # an invalid result line without a prediction (a critic request that failed)
+            continue
         if not isinstance(record, Mapping) or "prediction" not in record:
             raise PredictionError(f"prediction for sample {sample_id!r}, field 'prediction': missing", sample_id)
         value = record["prediction"]
@@ -312,6 +316,94 @@ def _results_predictions(dataset: ProcessBenchDataset, results: Any, validity_th
             raise PredictionError(f"prediction for sample {sample_id!r}, field 'prediction': expected an int or null, "
                                   f"got {value!r}", sample_id)
     return torch.tensor(out, dtype=torch.int64), unknown, repeats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LLM critics (official ``code/run_eval.py``)
+
+#: The critique prompt: one user message. Same structure and content as the official
+#: ``code/templates/critique_template.txt`` (the problem, the solution as paragraphs tagged and indexed from 0, the
+#: index of the earliest wrong paragraph or -1 asked for in ``\boxed{}``); the wording is this repository's own. To
+#: send the official text itself, pass its file's contents as ``critique_template`` (``--critique-template FILE``).
+#: A ``str.format`` template with the fields ``{problem}`` and ``{tagged_response}`` (literal braces doubled).
+CRITIQUE_TEMPLATE = """\
+Below are a math problem and a proposed solution. The solution is split into paragraphs; each paragraph is enclosed \
+in tags that carry its index, counted from 0.
+
+[Math Problem]
+
+{problem}
+
+[Solution]
+
+{tagged_response}
+
+Check the solution paragraph by paragraph. If a paragraph contains an error, give the index of the earliest \
+paragraph that does. If no paragraph contains an error, give -1, which stands for "no error found".
+
+Write your final answer (the index alone) inside \\boxed{{}}."""
+
+# The official extraction: the text of the LAST \boxed{...} whose braces hold no "}" (so \boxed{\text{2}} gives
+# "\text{2", which is not an int).
+_BOXED = re.compile(r"\\boxed\{([^}]*)\}")
+
+
+def tagged_response(steps: Iterable[str]) -> str:
+    """The solution as the official prompt shows it: ``<paragraph_i>\\n{step}\\n</paragraph_i>`` per step (0-based),
+    separated by blank lines (the official builder appends one after every paragraph and strips the whole)."""
+    return "\n\n".join(f"<paragraph_{i}>\n{step}\n</paragraph_{i}>" for i, step in enumerate(steps))
+
+
+def check_critique_template(template: str) -> str:
+    """``template`` stripped (the official script strips the file it reads); a ValueError when it cannot be filled
+    with exactly ``problem`` and ``tagged_response``."""
+    if not isinstance(template, str):
+        raise TypeError(f"critique_template must be a str, got {type(template).__name__}")
+    try:
+        template.format(problem="", tagged_response="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"critique_template: not a template with the fields {{problem}} and {{tagged_response}} "
+                         f"(literal braces doubled, as in \\boxed{{{{}}}}): {type(err).__name__}: {err}") from None
+    return template.strip()
+
+
+def critique_messages(sample: ProcessBenchSample, template: str = CRITIQUE_TEMPLATE) -> list[dict[str, str]]:
+    """The chat messages of one sample: a single user turn, as the official script sends before the chat
+    template's generation prompt."""
+    prompt = template.format(problem=sample.question, tagged_response=tagged_response(sample.steps))
+    return [{"role": "user", "content": prompt}]
+
+
+def parse_critique(text: str | None) -> int | None:
+    """The critic's predicted index: the last ``\\boxed{...}``'s content, stripped, as Python's ``int()`` reads it
+    (so "+2", " 3 " and "-1" are read; "2.0", "two", an empty box are not); None when there is none or it is no
+    int, as officially (a None prediction never matches)."""
+    if not isinstance(text, str):
+        return None  # a null message content: no answer to read
+    boxes = _BOXED.findall(text)
+    if not boxes:
+        return None
+    try:
+        return int(boxes[-1].strip())
+    except ValueError:
+        return None
+
+
+def critique_result(sample: ProcessBenchSample, text: str | None) -> dict[str, Any]:
+    """The result line of a critic's answer: ``{"idx", "prediction", "validity", ...}``.
+
+    ``prediction`` (the parsed index or None) is what the evaluator reads. A prediction that names a step or -1 also
+    carries the equivalent step labels (the steps before it correct, it wrong, the rest correct), so that tools
+    reading the flat layout find the same first wrong step; None, or an index that names no step (it can never
+    match a label), is stored ``"validity": false`` with the answer as ``original_response``, as the PRMBench
+    critic stores an unusable answer.
+    """
+    prediction = parse_critique(text)
+    if prediction is None or not -1 <= prediction < len(sample.steps):
+        return {"idx": sample.id, "prediction": prediction, "validity": False, "original_response": text}
+    labels = [k != prediction for k in range(len(sample.steps))]
+    return {"idx": sample.id, "prediction": prediction, "validity": True,
+            "scores": {"step_level_validity_labels": labels}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
