@@ -243,7 +243,12 @@ def _run_threshold(steps: _Steps, validity_threshold: float | None) -> tuple[flo
     use = steps.by_validity
     if not use.any():
         return None, "no step is scored by its validity label"
-    score, label = steps.score[use], steps.label[use]
+    return _labels_threshold(steps.score[use], steps.label[use], validity_threshold)
+
+
+def _labels_threshold(score: np.ndarray, label: np.ndarray,
+                      validity_threshold: float | None) -> tuple[float | None, str | None]:
+    """A threshold t with ``label == (score > t)``, ``validity_threshold`` when it is one, or (None, why not)."""
     if np.isnan(score).any():
         return None, "some predictions have labels without validity scores (evaluate(..., keep_scores=True) keeps them)"
     low = score[~label].max(initial=-np.inf)  # labels are score > t exactly when low <= t < high
@@ -396,4 +401,131 @@ def analyze(
         "intervals": bootstrap_intervals(dataset, report, seed=seed, replicates=bootstrap),
         "error_position_distribution": error_position_distribution(dataset),
         "baselines": trivial_baselines(dataset),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ProcessBench calibration
+
+#: The split published PRM evaluations pick the threshold on (ProcessBench issue #3; Skywork), then apply to all.
+CALIBRATION_SPLIT = "gsm8k"
+
+
+def _match_intervals(dataset, preds: StepPredictions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per dataset sample, the thresholds t at which its prediction (the first step with score <= t, -1 if none)
+    equals its label, as a half-open interval [low, high); low == high: never (no prediction, an invalid one, or a
+    label no threshold reaches). Returns (low, high, has_prediction), float64 / bool arrays of the dataset's length.
+
+    With pm_k = min(s_0..s_k) (non-increasing), the first step with s_k <= t is the first k with pm_k <= t, so the
+    prediction is #{k : pm_k > t} (-1 when that is every step). It equals a label L >= 0 exactly when
+    pm_L <= t < pm_{L-1} (pm_{-1} = +inf), and -1 exactly when t < pm_last.
+    """
+    preds = preds.to("cpu")
+    n = len(dataset)
+    low, high = np.zeros(n), np.zeros(n)
+    predicted = np.zeros(n, dtype=bool)
+    sample_pos = preds.sample_pos.numpy()
+    _, first = np.unique(sample_pos, return_index=True)  # a repeated sample: the first prediction wins
+    valid = preds.valid.numpy() if preds.valid is not None else np.ones(len(sample_pos), dtype=bool)
+    scores = preds.validity_scores.double().numpy()
+    cu = preds.cu_steps.numpy().astype(np.int64)
+    labels = np.array([s.label for s in dataset.samples], dtype=np.int64)
+    for b in first:
+        pos = sample_pos[b]
+        predicted[pos] = True
+        if not valid[b]:
+            continue
+        pm = np.minimum.accumulate(scores[cu[b]:cu[b + 1]])
+        label = labels[pos]
+        if label == -1:
+            low[pos], high[pos] = -np.inf, (pm[-1] if len(pm) else np.inf)
+        elif label < len(pm):
+            low[pos], high[pos] = pm[label], (pm[label - 1] if label > 0 else np.inf)
+    return low, high, predicted
+
+
+def _split_f1(low, high, is_error, thresholds):
+    """(error_acc, correct_acc, f1) arrays over ``thresholds`` for one split, by the evaluator's formulas."""
+    from .tasks.processbench import _accuracy, _f1
+
+    def matches(sel):
+        # Intervals with low <= high: #(low <= t) - #(high <= t) of them contain t (an empty one counts in both).
+        lo, hi = np.sort(low[sel]), np.sort(high[sel])
+        return np.searchsorted(lo, thresholds, side="right") - np.searchsorted(hi, thresholds, side="right")
+
+    n_err, n_cor = int(is_error.sum()), int((~is_error).sum())
+    error_acc = [_accuracy(int(m), n_err) for m in matches(is_error)]
+    correct_acc = [_accuracy(int(m), n_cor) for m in matches(~is_error)]
+    return error_acc, correct_acc, [_f1(a, c) for a, c in zip(error_acc, correct_acc)]
+
+
+def _best(f1: list[float]) -> int:
+    """The index of the best F1 (NaN counts as the worst; the lowest of equal thresholds)."""
+    values = np.array([v if v == v else -np.inf for v in f1])
+    return int(np.argmax(values))
+
+
+def processbench_calibration(dataset, preds: StepPredictions, *, validity_threshold: float | None = None,
+                             calibrate_on: str = CALIBRATION_SPLIT) -> dict[str, Any]:
+    """ProcessBench F1 per split as a function of the validity threshold (prediction = the first step whose score is
+    not above it), each split's own best threshold, and the threshold that is best on ``calibrate_on`` (gsm8k, as
+    published PRM evaluations choose it; the first split evaluated when absent) applied to every split.
+
+    Counted exactly as :func:`prmbench_fast.tasks.processbench.evaluate_processbench` counts: the splits that have a
+    prediction, their samples without one (or with an invalid one) never matching. Only meaningful where the labels
+    are ``score > threshold`` of the validity scores; otherwise ``{"applicable": False, "reason": ...}``.
+
+    Returns (JSON-ready; NaN F1s as None): ``run_threshold``, ``thresholds`` (the curve's points: score quantiles, the
+    run's and the calibrated threshold), ``f1`` (split -> F1 per point), ``average_f1`` per point, ``best`` (split ->
+    its own best threshold and F1), ``calibrated`` (``split``, ``threshold``, ``f1`` per split, ``average_f1``).
+    """
+    if preds.validity_scores is None:
+        return {"applicable": False, "reason": "the predictions carry no validity scores"}
+    cu = preds.cu_steps.cpu().numpy().astype(np.int64)
+    keep = np.ones(preds.num_samples, dtype=bool) if preds.valid is None else preds.valid.cpu().numpy()
+    step_keep = np.repeat(keep, np.diff(cu))
+    scores = preds.validity_scores.double().cpu().numpy()[step_keep]
+    run_threshold, reason = _labels_threshold(scores, preds.validity_labels.cpu().numpy()[step_keep],
+                                              validity_threshold)
+    if reason is not None:
+        return {"applicable": False, "reason": reason}
+    low, high, predicted = _match_intervals(dataset, preds)
+    split_of = np.array([s.split for s in dataset.samples])
+    is_error = np.array([s.label != -1 for s in dataset.samples])
+    splits = [s for s in dataset.splits if predicted[split_of == s].any()]
+    finite = np.unique(scores[np.isfinite(scores)])
+    if len(finite) == 0:
+        return {"applicable": False, "reason": "no finite validity score"}
+    # F1 changes only at scores (every interval's ends are scores or infinite, closed below): one candidate per
+    # distinct score and one below them all (no step wrong) cover every value it takes.
+    candidates = np.concatenate(([np.nextafter(finite[0], -np.inf)], finite))
+
+    def curves(thresholds):
+        return {s: _split_f1(low[split_of == s], high[split_of == s], is_error[split_of == s], thresholds)[2]
+                for s in splits}
+
+    on_candidates = curves(candidates)
+    best = {s: {"threshold": float(candidates[k]), "f1": on_candidates[s][k]}
+            for s in splits for k in [_best(on_candidates[s])]}
+    chosen = calibrate_on if calibrate_on in splits else splits[0]
+    calibrated = best[chosen]["threshold"]
+    points = np.unique(np.concatenate((np.quantile(finite, np.linspace(0, 1, SWEEP_POINTS), method="lower"),
+                                       [run_threshold, calibrated])))
+    f1 = curves(points)
+    average = [sum(f1[s][k] for s in splits) / len(splits) for k in range(len(points))]
+    at = int(np.searchsorted(points, calibrated))
+
+    def finite_or_none(value):
+        return value if value == value else None
+
+    return {
+        "applicable": True,
+        "run_threshold": run_threshold,
+        "thresholds": points.tolist(),
+        "f1": {s: [finite_or_none(v) for v in f1[s]] for s in splits},
+        "average_f1": [finite_or_none(v) for v in average],
+        "best": {s: {"threshold": b["threshold"], "f1": finite_or_none(b["f1"])} for s, b in best.items()},
+        "calibrated": {"split": chosen, "threshold": calibrated,
+                       "f1": {s: finite_or_none(f1[s][at]) for s in splits},
+                       "average_f1": finite_or_none(average[at])},
     }

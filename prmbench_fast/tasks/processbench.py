@@ -276,9 +276,10 @@ def _record_id(record: Mapping, k: int) -> str:
 
 
 def _results_predictions(dataset: ProcessBenchDataset, results: Any, validity_threshold: float,
-                         redundancy_threshold: float) -> tuple[torch.Tensor, list[str], int]:
-    """Result dicts -> (N,) predictions, unknown ids, repeats. ProcessBench outputs carry ``prediction`` (an int or
-    None); the toolkit's result lines (``scores``, ``validity``) go through the flat layout."""
+                         redundancy_threshold: float) -> tuple[torch.Tensor, list[str], int, StepPredictions | None]:
+    """Result dicts -> (N,) predictions, unknown ids, repeats, and the flat predictions with their scores (None for
+    ProcessBench outputs). ProcessBench outputs carry ``prediction`` (an int or None); the toolkit's result lines
+    (``scores``, ``validity``) go through the flat layout."""
     if isinstance(results, Mapping):
         items = [(k, v) for k, v in results.items()]
     else:
@@ -290,8 +291,9 @@ def _results_predictions(dataset: ProcessBenchDataset, results: Any, validity_th
     if not any(isinstance(r, Mapping) and "prediction" in r for _, r in items):
         records = results if isinstance(results, Mapping) else [{**r, "idx": i} for i, r in items]
         parsed = parse_results(dataset, records, validity_threshold=validity_threshold,
-                               redundancy_threshold=redundancy_threshold, keep_scores=False)
-        return dataset_predictions(parsed.predictions, len(dataset)), parsed.unknown_ids, parsed.duplicates
+                               redundancy_threshold=redundancy_threshold, keep_scores=True)
+        flat = parsed.predictions
+        return dataset_predictions(flat, len(dataset)), parsed.unknown_ids, parsed.duplicates, flat
     out = [MISSING] * len(dataset)
     unknown, repeats = [], 0
     for sample_id, record in items:
@@ -315,7 +317,7 @@ def _results_predictions(dataset: ProcessBenchDataset, results: Any, validity_th
         else:
             raise PredictionError(f"prediction for sample {sample_id!r}, field 'prediction': expected an int or null, "
                                   f"got {value!r}", sample_id)
-    return torch.tensor(out, dtype=torch.int64), unknown, repeats
+    return torch.tensor(out, dtype=torch.int64), unknown, repeats, None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -421,6 +423,10 @@ class ProcessBenchReport:
             ``invalid`` (predictions that never match) and ``missing`` (samples without a prediction).
         predictions: sample id -> prediction (the first wrong step, -1, or None: invalid), for the samples predicted.
         diagnostics: unknown prediction ids and repeated predictions.
+        step_predictions: the flat predictions the numbers come from, when they were step labels (with their scores).
+        analysis: ``{"calibration": ...}``, :func:`prmbench_fast.analysis.processbench_calibration` of the step
+            scores (F1 per split against the threshold, the gsm8k-calibrated threshold on every split); computed by
+            :meth:`analyze`, which :meth:`to_json` calls (a run folder's report.json carries it), None until then.
     """
 
     official: dict[str, Any]
@@ -429,6 +435,18 @@ class ProcessBenchReport:
     diagnostics: dict[str, Any]
     run: dict[str, Any] = dataclasses.field(default_factory=dict)
     task: str = "processbench"
+    dataset: ProcessBenchDataset | None = dataclasses.field(default=None, repr=False)
+    step_predictions: StepPredictions | None = dataclasses.field(default=None, repr=False)
+    analysis: dict[str, Any] | None = None
+
+    def analyze(self) -> dict[str, Any] | None:
+        """The analyses of the step scores (``analysis``), computed once; None without step predictions."""
+        if self.analysis is None and self.step_predictions is not None and self.dataset is not None:
+            from ..analysis import processbench_calibration
+
+            self.analysis = {"calibration": processbench_calibration(
+                self.dataset, self.step_predictions, validity_threshold=self.run.get("validity_threshold"))}
+        return self.analysis
 
     @property
     def splits(self) -> list[str]:
@@ -459,7 +477,7 @@ class ProcessBenchReport:
             return None if isinstance(value, float) and not math.isfinite(value) else value
 
         return {"task": self.task, "official": finite(self.official), "table": finite(self.table),
-                "counts": self.counts, "diagnostics": self.diagnostics, "run": self.run}
+                "counts": self.counts, "diagnostics": self.diagnostics, "run": self.run, "analysis": self.analyze()}
 
 
 def _accuracy(matches: int, total: int) -> float:
@@ -493,10 +511,10 @@ def evaluate_processbench(dataset: ProcessBenchDataset, predictions: Any, *, val
     unknown: list[str] = []
     repeats = 0
     if isinstance(predictions, StepPredictions):
-        per_sample = dataset_predictions(predictions, len(dataset))
+        per_sample, flat = dataset_predictions(predictions, len(dataset)), predictions
     else:
-        per_sample, unknown, repeats = _results_predictions(dataset, predictions, validity_threshold,
-                                                            redundancy_threshold)
+        per_sample, unknown, repeats, flat = _results_predictions(dataset, predictions, validity_threshold,
+                                                                  redundancy_threshold)
     device = per_sample.device
     split_names = dataset.splits
     split_of = {name: k for k, name in enumerate(split_names)}
@@ -528,7 +546,7 @@ def evaluate_processbench(dataset: ProcessBenchDataset, predictions: Any, *, val
     kept = {s.id: (None if v == INVALID else v) for s, v in zip(dataset.samples, values) if v != MISSING}
     diagnostics = {"samples": len(dataset), "predicted": len(kept), "unknown_prediction_ids": unknown,
                    "duplicate_predictions": repeats, "data": dataset.diagnostics}
-    return ProcessBenchReport(official, counts, kept, diagnostics)
+    return ProcessBenchReport(official, counts, kept, diagnostics, dataset=dataset, step_predictions=flat)
 
 
 def read_prediction_lines(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
