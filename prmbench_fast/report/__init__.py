@@ -36,6 +36,15 @@ class RunView:
         return "pass_at_n" in self.report.get("official", {})
 
     @property
+    def is_processbench(self) -> bool:
+        return self.report.get("task") == "processbench"
+
+    @property
+    def is_prmbench(self) -> bool:
+        """A PRMBench run (the main task or subset400): a leaderboard row and the PRMBench analyses."""
+        return not (self.is_bon or self.is_processbench)
+
+    @property
     def official(self) -> dict[str, Any]:
         return self.report["official"]
 
@@ -66,7 +75,7 @@ def load_run(path: str | os.PathLike, *, data: str | os.PathLike | None = None, 
     report = read_json(report_file)
     _check_layout(report, report_file)
     view = RunView(name or path.resolve().name, path, report, report.get("analysis") or {})
-    if not view.analysis and not view.is_bon:
+    if not view.analysis and view.is_prmbench:
         if data is not None and (path / "results.jsonl").is_file():
             view.analysis = _analysis_from_results(view, data)
         else:
@@ -90,6 +99,10 @@ def _check_layout(report: Any, report_file: pathlib.Path) -> None:
         raise bad("no 'official' results")
     if "pass_at_n" in report["official"]:
         return  # BoN: its own layout, shown as it is
+    if report.get("task") == "processbench":
+        if "average_f1" not in report["official"]:
+            raise bad("'official' lacks 'average_f1' (a ProcessBench report)")
+        return
     missing = [c for c in TABLE_COLUMNS if c not in report.get("table", {})]
     if missing:
         raise bad(f"'table' lacks the column(s) {', '.join(missing)}")
@@ -121,18 +134,19 @@ def _run_names(paths: Sequence[pathlib.Path]) -> list[str]:
 
 
 #: The figures a report may have, by file-name suffix.
-FIGURES = ("radar", "recall", "scores", "sweep", "intervals", "error_positions")
+FIGURES = ("radar", "recall", "scores", "sweep", "intervals", "error_positions", "calibration")
 
 
 def _figures(runs: Sequence[RunView]) -> dict[str, bytes]:
     from . import figures
 
-    prmbench = [r for r in runs if not r.is_bon]
+    prmbench = [r for r in runs if r.is_prmbench]
     with_analysis = [r for r in prmbench if r.analysis]
+    drawn = {"calibration": figures.processbench_calibration([r for r in runs if r.is_processbench])}
     if not prmbench:
-        return {}
+        return {name: png for name, png in drawn.items() if png is not None}
     baselines = next((r.analysis["baselines"] for r in with_analysis if r.analysis.get("baselines")), None)
-    drawn = {
+    drawn.update({
         "radar": figures.radar(prmbench, baselines),
         "recall": figures.recall_by_position(with_analysis),
         "scores": figures.score_distributions(with_analysis),
@@ -140,7 +154,7 @@ def _figures(runs: Sequence[RunView]) -> dict[str, bytes]:
         "intervals": figures.intervals(with_analysis),
         "error_positions": figures.error_positions(
             with_analysis[0].analysis.get("error_position_distribution") if with_analysis else None),
-    }
+    })
     return {name: png for name, png in drawn.items() if png is not None}
 
 

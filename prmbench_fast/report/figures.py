@@ -131,6 +131,34 @@ def threshold_sweep(runs: Sequence[Any]) -> bytes | None:
     return _png(fig)
 
 
+def processbench_calibration(runs: Sequence[Any]) -> bytes | None:
+    """ProcessBench F1 per split (thin) and their average (bold) against the validity threshold; the run's threshold
+    dashed, the one chosen on the calibration split (gsm8k) dotted. Runs without an applicable calibration are left
+    out (the report's table says why)."""
+    shown = [(run, cal) for run in runs
+             if (cal := (run.analysis or {}).get("calibration")) and cal["applicable"]]
+    if not shown:
+        return None
+    fig = _figure(8.0, 3.3 * math.ceil(len(shown) / 2) + 0.6)
+    handles: dict[str, Any] = {}
+    for ax, (run, cal) in zip(_grid(fig, len(shown)), shown):
+        ax.set_title(run.name, fontsize=9)
+        t = cal["thresholds"]
+        for split, values in cal["f1"].items():
+            handles[split] = ax.plot(t, [math.nan if v is None else v for v in values], linewidth=1, alpha=0.75)[0]
+        handles["average"] = ax.plot(t, [math.nan if v is None else v for v in cal["average_f1"]], color="black",
+                                     linewidth=2.2)[0]
+        handles["run threshold"] = ax.axvline(cal["run_threshold"], color="0.3", linestyle="--", linewidth=1)
+        handles[f"best on {cal['calibrated']['split']}"] = ax.axvline(cal["calibrated"]["threshold"], color="0.3",
+                                                                      linestyle=":", linewidth=1.2)
+        ax.set_xlabel("validity threshold (wrong: score <= threshold)", fontsize=8)
+        ax.set_ylabel("F1")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=7, fontsize=7, frameon=False)
+    return _png(fig)
+
+
 def intervals(runs: Sequence[Any]) -> bytes | None:
     """Every table column with its bootstrap 95% interval, runs side by side."""
     shown = [run for run in runs if run.analysis.get("intervals", {}).get("columns")]

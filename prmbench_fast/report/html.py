@@ -67,7 +67,7 @@ def _runs_section(runs) -> str:
 
 
 def _leaderboard_section(runs) -> str:
-    prmbench_runs = {run.name: run.table for run in runs if not run.is_bon}
+    prmbench_runs = {run.name: run.table for run in runs if run.is_prmbench}
     if not prmbench_runs:
         return ""
     baselines = next((run.analysis["baselines"] for run in runs if run.analysis.get("baselines")), None)
@@ -184,6 +184,41 @@ def _bon_section(runs) -> str:
     return "<h2>Best of n</h2>" + "".join(parts) if parts else ""
 
 
+def _processbench_section(runs, figures) -> str:
+    parts = []
+    for run in runs:
+        if not run.is_processbench:
+            continue
+        official = run.official
+        splits = [k for k in official if k != "average_f1"]
+        rows = [("", [_e(s), _fmt(official[s]["error_acc"]), _fmt(official[s]["correct_acc"]), _fmt(official[s]["f1"])])
+                for s in splits]
+        rows.append(("run", ["average", "", "", _fmt(official["average_f1"])]))
+        parts.append(_table(["split", "error acc", "correct acc", "F1"], rows, caption=(
+            f"{_e(run.name)}: the official run_eval.py numbers (accuracy on erroneous and on correct solutions, F1 their "
+            "harmonic mean) and the average F1 of the splits.")))
+        cal = (run.analysis or {}).get("calibration")
+        if not cal:
+            continue
+        if not cal["applicable"]:
+            parts.append(f'<p class="note">{_e(run.name)}: calibration not applicable: {_e(cal["reason"])}</p>')
+            continue
+        at_run = cal["thresholds"].index(cal["run_threshold"])
+        chosen = cal["calibrated"]
+        rows = [("", [_e(s), _fmt(cal["f1"][s][at_run]), _fmt(cal["best"][s]["threshold"], 4),
+                      _fmt(cal["best"][s]["f1"]), _fmt(chosen["f1"][s])]) for s in cal["f1"]]
+        rows.append(("run", ["average", _fmt(cal["average_f1"][at_run]), "", "", _fmt(chosen["average_f1"])]))
+        caption = (f"{_e(run.name)}: F1 at the run's threshold ({_fmt(cal['run_threshold'], 4)}), at each split's own "
+                   f"best threshold (optimistic), and at the threshold best on {_e(chosen['split'])} "
+                   f"({_fmt(chosen['threshold'], 4)}) applied to every split, as published PRM evaluations do.")
+        header = ["split", "F1 at run threshold", "own best threshold", "F1 at own best",
+                  f"F1 at {chosen['split']}'s best"]
+        parts.append(_table(header, rows, caption=caption))
+    if not parts:
+        return ""
+    return "<h2>ProcessBench</h2>" + "".join(parts) + _figure(figures, "calibration", "ProcessBench calibration")
+
+
 def render(runs: Sequence[Any], figures: Mapping[str, bytes], version: str) -> str:
     notes = [f"<p class=\"note\">{_e(run.name)}: {_e(run.note)}</p>" for run in runs if run.note]
     radar = ("<h2>Per class</h2>" + _figure(figures, "radar", "per-class radar")) if "radar" in figures else ""
@@ -192,7 +227,7 @@ def render(runs: Sequence[Any], figures: Mapping[str, bytes], version: str) -> s
         f"<h1>PRMBench report</h1><p class=\"note\">prmbench_fast {_e(version)}, {generated}.</p>", *notes,
         _runs_section(runs), _leaderboard_section(runs), _intervals_section(runs, figures), radar,
         _recall_section(figures), _bias_section(runs, figures), _sweep_section(runs, figures),
-        _positions_section(figures), _bon_section(runs),
+        _positions_section(figures), _bon_section(runs), _processbench_section(runs, figures),
     ])
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>PRMBench report</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")

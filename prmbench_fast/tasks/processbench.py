@@ -582,24 +582,62 @@ class ProcessBenchTask:
         return evaluate_processbench(dataset, predictions, **options)
 
     def evaluate_command(self, args: Any) -> int:
-        """``prmbench-fast evaluate --task processbench``: print the table, write ``--output`` (the report JSON)."""
-        from ..io import PredictionFileError, check_not_an_input, check_output_file, write_json_atomic
+        """``prmbench-fast evaluate --task processbench``: print the table, write ``--output`` (the report JSON) and
+        ``--output-dir`` (a run folder like score's: results.jsonl as read, report.json with the calibration,
+        table.txt; redone for the same predictions and settings, refused for others unless ``--overwrite``)."""
+        import contextlib
 
-        for option in ("output_dir", "only_predicted"):
-            if getattr(args, option):
-                raise ValueError(f"--{option.replace('_', '-')} does not apply to --task processbench")
+        from ..io import PredictionFileError, check_not_an_input, check_output_dir, check_output_file, write_json_atomic
+
+        if args.only_predicted:
+            raise ValueError("--only-predicted does not apply to --task processbench")
         if args.output:
             check_output_file(args.output)
             check_not_an_input(args.output, {"--predictions": args.predictions, "--data": args.data})
+        if args.output_dir:
+            check_output_dir(args.output_dir)
         dataset = self.load(args.data)
         lines = read_prediction_lines(args.predictions)
         records = [record for _, record in lines]
-        try:
-            report = self.evaluate(dataset, records, validity_threshold=args.validity_threshold,
-                                   redundancy_threshold=args.redundancy_threshold)
-        except PredictionError as err:
-            line = next((n for n, r in lines if r.get("id", r.get("idx")) == err.sample_id), None)
-            raise PredictionFileError(args.predictions, line, None, str(err)) from None
+        with contextlib.ExitStack() as stack:
+            # The run folder is claimed (identity and lock) before the work and held until its files are written.
+            store = stack.enter_context(self._evaluate_store(args, dataset)) if args.output_dir else None
+            try:
+                report = self.evaluate(dataset, records, validity_threshold=args.validity_threshold,
+                                       redundancy_threshold=args.redundancy_threshold)
+            except PredictionError as err:
+                line = next((n for n, r in lines if r.get("id", r.get("idx")) == err.sample_id), None)
+                raise PredictionFileError(args.predictions, line, None, str(err)) from None
+            report.run = {"task": self.name, "data": args.data, "predictions": str(args.predictions),
+                          "validity_threshold": args.validity_threshold,
+                          "redundancy_threshold": args.redundancy_threshold}
+            self._print_summary(report)
+            if args.output:
+                write_json_atomic(args.output, report.to_json())
+                print(f"wrote {args.output}")
+            if store is not None:
+                store.replace_results(records)  # redone, never resumed: the folder holds this evaluation's lines
+                store.write_report(report)
+                print(f"wrote the run folder {store.dir} (results.jsonl, report.json, table.txt); HTML: prmbench-fast "
+                      f"report {store.dir}")
+        return 0
+
+    def _evaluate_store(self, args: Any, dataset: ProcessBenchDataset):
+        """The evaluate run folder's store. Its identity: the data (with the labels, which the numbers depend on),
+        the predictions file's content and the thresholds."""
+        import hashlib
+        import json
+
+        from ..results_store import ResultsStore
+
+        labels = hashlib.sha256(json.dumps([[s.id, s.split, s.label] for s in dataset]).encode()).hexdigest()[:16]
+        identity = {"task": self.name, "data": dataset.content_hash, "labels": labels,
+                    "predictions": hashlib.sha256(pathlib.Path(args.predictions).read_bytes()).hexdigest(),
+                    "validity_threshold": args.validity_threshold, "redundancy_threshold": args.redundancy_threshold}
+        return ResultsStore(args.output_dir, identity, overwrite=args.overwrite, kind="evaluate")
+
+    @staticmethod
+    def _print_summary(report: ProcessBenchReport) -> None:
         print(report.format_table())
         diag = report.diagnostics
         print(f"\n{diag['predicted']} samples predicted of {diag['samples']}; "
@@ -609,10 +647,6 @@ class ProcessBenchTask:
                   f"(e.g. {diag['unknown_prediction_ids'][0]!r})")
         if diag["duplicate_predictions"]:
             print(f"{diag['duplicate_predictions']} repeated prediction(s) ignored: the first line of each id is used")
-        if args.output:
-            write_json_atomic(args.output, report.to_json())
-            print(f"wrote {args.output}")
-        return 0
 
 
 TASK = ProcessBenchTask()
