@@ -24,8 +24,10 @@ import torch
 from .data import PRMBenchDataset
 from .distributed import gather_predictions
 from .evaluate import Report, evaluate_steps
+from .host_threads import single_threaded
 from .ops import BACKENDS
 from .predictions import FLOAT_DTYPES, PredictionError, StepPredictions, expect_tensor
+from .tasks.processbench import ProcessBenchDataset, ProcessBenchReport, evaluate_processbench
 
 _INTEGERS = (torch.int32, torch.int64)
 #: The per-step fields a batch may carry, as ``update()`` names them and as ``StepPredictions`` names them.
@@ -63,6 +65,9 @@ class PRMBenchMetric:
         ValueError: a non-finite threshold, an unknown backend.
     """
 
+    _dataset_type: type = PRMBenchDataset
+    _loader = "prmbench_fast.load_prmbench(...)"
+
     def __init__(
         self,
         dataset: PRMBenchDataset,
@@ -72,8 +77,8 @@ class PRMBenchMetric:
         backend: str = "auto",
         device: torch.device | str | None = None,
     ):
-        if not isinstance(dataset, PRMBenchDataset):
-            raise TypeError(f"dataset must be a PRMBenchDataset (prmbench_fast.load_prmbench(...)), got "
+        if not isinstance(dataset, self._dataset_type):
+            raise TypeError(f"dataset must be a {self._dataset_type.__name__} ({self._loader}), got "
                             f"{type(dataset).__name__}")
         self.dataset = dataset
         self.validity_threshold = _finite_number("validity_threshold", validity_threshold)
@@ -214,9 +219,14 @@ class PRMBenchMetric:
         if self._bad:
             names = list(self._bad)
             _raise_flagged(dict(zip(names, torch.stack([self._bad[n] for n in names]).tolist())))
-        predictions = gather_predictions(self._joined())
-        if predictions.num_samples == 0:
-            raise PredictionError("no predictions: nothing to evaluate (compute() before any update())")
+        # The joins and the evaluator's ops are small host work for CPU predictions (prmbench_fast.host_threads).
+        with single_threaded(self._device or "cpu", sum(p["num_steps"] for p in self._parts)):
+            predictions = gather_predictions(self._joined())
+            if predictions.num_samples == 0:
+                raise PredictionError("no predictions: nothing to evaluate (compute() before any update())")
+            return self._evaluate(predictions)
+
+    def _evaluate(self, predictions: StepPredictions) -> Report:
         return evaluate_steps(self.dataset, predictions, backend=self.backend)
 
     def _joined(self) -> StepPredictions:
@@ -255,6 +265,28 @@ class PRMBenchMetric:
             validity_scores=part["validity_scores"], redundancy_labels=part["redundancy_labels"],
             redundancy_scores=part["redundancy_scores"], has_redundancy=part["has_redundancy"], valid=part["valid"],
         )
+
+
+class ProcessBenchMetric(PRMBenchMetric):
+    """:class:`PRMBenchMetric` for ProcessBench: the same ``update()`` (a sample's prediction is its first step
+    labelled wrong, ``score > validity_threshold`` unless labels are given; -1 if none; ``valid=False``: an invalid
+    prediction, which never matches), and ``compute()`` gives the
+    :class:`~prmbench_fast.tasks.processbench.ProcessBenchReport` ``evaluate(..., task="processbench")`` gives for
+    the same predictions. Redundancy arguments are accepted and ignored (ProcessBench has no redundancy rule).
+
+    Example::
+
+        data = prmbench_fast.load_prmbench("processbench/", task="processbench")
+        metric = ProcessBenchMetric(data, validity_threshold=0.5, device=device)
+        metric.update(batch.sample_pos, step_scores, batch.cu_steps)
+        metric.compute().table   # {"gsm8k": F1, ..., "F1": average}
+    """
+
+    _dataset_type = ProcessBenchDataset
+    _loader = 'prmbench_fast.load_prmbench(path, task="processbench")'
+
+    def _evaluate(self, predictions: StepPredictions) -> ProcessBenchReport:
+        return evaluate_processbench(self.dataset, predictions)
 
 
 def _joined_or_filled(parts: list[dict], name: str, length: str, fill, device) -> torch.Tensor | None:
