@@ -10,8 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import (DataCollatorForTokenClassification, EarlyStoppingCallback, Trainer, TrainerCallback,
-                          TrainingArguments)
+
+# transformers' Trainer refuses to run without accelerate, so every Trainer run here needs it (any Trainer user has it).
+pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+from transformers import (  # noqa: E402
+    DataCollatorForTokenClassification, EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments,
+)
 
 import prmbench_fast
 from conftest import PRMBENCH_JSONL, REPO_ROOT
