@@ -192,7 +192,7 @@ def score(
         # An LLM prompted as a critic behind an OpenAI-compatible API: `model` is the served model's name.
         from .critic import score_critic
 
-        return score_critic(dataset, api_model=str(model), output_dir=output_dir, progress=progress,
+        return score_critic(dataset, api_model=str(model), task=task, output_dir=output_dir, progress=progress,
                             overwrite=overwrite, **family_options)
     if isinstance(tokenizer, (str, os.PathLike)):
         raise TypeError("tokenizer must be a tokenizer object, not a path: load it with "

@@ -124,6 +124,19 @@ def test_boxed_answers_give_the_official_predictions_and_numbers(server, tmp_pat
     assert json.loads((tmp_path / "report.json").read_text())["task"] == "processbench"
 
 
+def test_score_with_the_critic_family_passes_the_task(server):
+    """score(family="critic", task="processbench") is score_critic(task="processbench"): the ProcessBench protocol,
+    not the PRMBench one (which refuses ProcessBench data)."""
+    from prmbench_fast import score
+
+    options = dict(api_base=server.url, max_retries=MAX_RETRIES, **FAST)
+    report = score("critic-test", DATASET, family="critic", task="processbench", **options)
+    direct = score_critic(DATASET, task="processbench", api_model="critic-test", **options)
+    assert report.run["task"] == "processbench"
+    assert report.predictions == direct.predictions == {s.id: prediction for s, _, prediction in CASES}
+    assert report.official == direct.official
+
+
 def test_resume_asks_only_what_is_missing(server, tmp_path):
     options = dict(task="processbench", api_base=server.url, api_model="critic-test", max_retries=MAX_RETRIES,
                    output_dir=tmp_path, **FAST)
