@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 
 from prmbench_fast.data import load_prmbench
-from prmbench_fast.families import family_class
+from prmbench_fast.families import FAMILY_NAMES, family_class
 from prmbench_fast.results_store import ResultsStore, ResultsWriter
 from prmbench_fast.testing.tiny_models import train_tokenizer
 
@@ -23,7 +24,8 @@ def tokenizer(samples):
 
 
 class _CountingTokenizer:
-    """The tokenizer, counting calls by batch size (1: a single text)."""
+    """The tokenizer, recording the number of texts (conversations for ``apply_chat_template``) of each call that
+    tokenizes: 1 for a single text."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.calls = tokenizer, []
@@ -32,17 +34,48 @@ class _CountingTokenizer:
         self.calls.append(len(text) if isinstance(text, list) else 1)
         return self.tokenizer(text, **kwargs)
 
+    def encode(self, text, **kwargs):
+        self.calls.append(1)
+        return self.tokenizer.encode(text, **kwargs)
+
+    def apply_chat_template(self, conversation, **kwargs):
+        if kwargs.get("tokenize", True):
+            batched = bool(conversation) and isinstance(conversation[0], list)
+            self.calls.append(len(conversation) if batched else 1)
+        return self.tokenizer.apply_chat_template(conversation, **kwargs)
+
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
 
 
-@pytest.mark.parametrize("family", ["generic", "lm_judge"])
-def test_encode_many_gives_encode_ids_from_one_batch_call(family, samples, tokenizer):
-    expected = [family_class(family).build(tokenizer).encode(s) for s in samples]
-    counting = _CountingTokenizer(tokenizer)
+def _family_tokenizer(name: str, trained):
+    """A tokenizer each family accepts: its own test module's (chat template, separator and tag tokens), or the
+    tokenizer trained on the samples for the families that need nothing special."""
+    if name in ("generic", "lm_judge"):
+        return trained
+    module = importlib.import_module(f"test_family_{name}")
+    return module._tokenizer(pad="<s>") if name == "reasoneval" else module._tokenizer()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_encode_many_gives_encode_ids_from_batch_calls(family, samples, tokenizer):
+    base = _family_tokenizer(family, tokenizer)
+    expected = [family_class(family).build(base).encode(s) for s in samples]
+    counting = _CountingTokenizer(base)
     fam = family_class(family).build(counting)
     counting.calls.clear()  # the family's own set-up calls
     assert fam.encode_many(samples) == expected
+    # Every text is tokenized in a batch: one call per add_special_tokens value at most, never text by text.
+    assert 1 <= len(counting.calls) <= 2, counting.calls
+    assert min(counting.calls) > 1, counting.calls
+
+
+@pytest.mark.parametrize("family", ["generic", "lm_judge"])
+def test_encode_many_tokenizes_each_shared_text_once(family, samples, tokenizer):
+    counting = _CountingTokenizer(tokenizer)
+    fam = family_class(family).build(counting)
+    counting.calls.clear()
+    fam.encode_many(samples)
     texts = {text for s in samples for text, _ in fam.texts(s)}
     # One call for all texts, each text once: variants share questions and steps, so fewer texts than pieces.
     assert counting.calls == [len(texts)]

@@ -27,7 +27,7 @@ checkpoints do not produce such gaps; this family reads position by position ins
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -132,7 +132,19 @@ class QwenPRMFamily(Family):
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
     def encode(self, sample: Sample) -> Encoded:
-        ids = list(self.tokenizer.encode(self.build_text(sample)))
+        return self._encoded(sample, self.tokenizer.encode(self.build_text(sample)))
+
+    def encode_many(self, samples: Sequence[Sample]) -> list[Encoded]:
+        """``[self.encode(s) for s in samples]`` with one tokenizer call: ``encode(text)`` is
+        ``tokenizer(text)["input_ids"]``, which a batch gives every text alike (each conversation is its own text)."""
+        if not samples:
+            return []
+        texts = [self.build_text(sample) for sample in samples]
+        ids = self.tokenizer(texts, return_attention_mask=False)["input_ids"]
+        return [self._encoded(sample, sample_ids) for sample, sample_ids in zip(samples, ids)]
+
+    def _encoded(self, sample: Sample, ids) -> Encoded:
+        ids = list(ids)
         reward_pos = [i for i, token in enumerate(ids) if token == self.separator_id]
         # The official rule reads at every separator id; PRMBench texts never contain "<extra_0>" themselves, so
         # anything but one separator per step means the tokenizer split or merged it.

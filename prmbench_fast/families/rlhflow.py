@@ -22,7 +22,7 @@ just the {"+", "-"} LM-head rows. PRMBench numbers need the default.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -103,6 +103,18 @@ class RLHFlowFamily(Family):
 
     def encode(self, sample: Sample) -> Encoded:
         ids = self.tokenizer.apply_chat_template(self.build_conversation(sample), tokenize=True, return_dict=False)
+        return self._encoded(sample, ids)
+
+    def encode_many(self, samples: Sequence[Sample]) -> list[Encoded]:
+        """``[self.encode(s) for s in samples]`` with one ``apply_chat_template`` call for all conversations: the
+        same rendering and tokenizer call as one conversation's, on a batch."""
+        if not samples:
+            return []
+        conversations = [self.build_conversation(sample) for sample in samples]
+        ids = self.tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=False)
+        return [self._encoded(sample, sample_ids) for sample, sample_ids in zip(samples, ids)]
+
+    def _encoded(self, sample: Sample, ids) -> Encoded:
         ids = [int(t) for t in ids]
         width = len(self.pattern)
         starts = [start for start in range(len(ids) - width + 1) if tuple(ids[start:start + width]) == self.pattern]
