@@ -6,6 +6,9 @@ Public API:
              task="prmbench") -> Report
     evaluate_steps(dataset, step_predictions, *, backend="auto") -> Report   (the flat predictions layout)
     PRMBenchMetric(dataset, ...): update(sample_pos, step_scores, cu_steps, ...) / compute() / reset()
+    ProcessBenchMetric(dataset, ...): the same update(), compute() -> ProcessBenchReport
+    load_processbench(source=None) -> ProcessBenchDataset  (= load_prmbench(source, task="processbench"); samples
+        are ProcessBenchSample, a bad file raises ProcessBenchDataError)
     score(model, dataset=None, *, tokenizer=None, family="auto", max_length=2048, task="prmbench", ...) -> Report
     PRMBenchCallback(dataset, *, trainer, tokenizer=None, family="auto", every_n_steps=None, ...)  (transformers
         Trainer; prmbench_fast.integrations.lightning.PRMBenchCallback for Lightning)
@@ -20,8 +23,15 @@ first use.
 
 from .data import PRMBenchDataError, PRMBenchDataset, Sample, load_prmbench
 from .evaluate import PredictionError, Report, evaluate, evaluate_steps
-from .streaming_metric import PRMBenchMetric
+from .streaming_metric import PRMBenchMetric, ProcessBenchMetric
 from .predictions import StepPredictions
+from .tasks.processbench import (
+    ProcessBenchDataError,
+    ProcessBenchDataset,
+    ProcessBenchReport,
+    ProcessBenchSample,
+    load_processbench,
+)
 
 __version__ = "0.1.0"
 
@@ -38,12 +48,18 @@ __all__ = [
     "PRMBenchDataset",
     "PRMBenchMetric",
     "PredictionError",
+    "ProcessBenchDataError",
+    "ProcessBenchDataset",
+    "ProcessBenchMetric",
+    "ProcessBenchReport",
+    "ProcessBenchSample",
     "Report",
     "Sample",
     "StepPredictions",
     "evaluate",
     "evaluate_steps",
     "load_prmbench",
+    "load_processbench",
     *_LAZY,
 ]
 
