@@ -24,6 +24,7 @@ import torch
 from . import ratios as metrics
 from .classes import ALL_CLASSES, CLASS_ID, CORRECT
 from .data import PRMBenchDataset
+from .host_threads import single_threaded
 from .ops import step_confusion
 from .predictions import PredictionError, StepPredictions, ThresholdWarning, check_predictions_argument, parse_results
 from .tasks import check_task_dataset
@@ -252,30 +253,34 @@ def evaluate_steps(
     """
     if validity_denominator not in VALIDITY_DENOMINATORS:
         raise ValueError(f"validity_denominator must be one of {VALIDITY_DENOMINATORS}, got {validity_denominator!r}")
-    predictions.check(len(dataset))
-    device = predictions.device
-    arrays = _DeviceArrays.of(dataset, device)
-    pos = predictions.sample_pos
-    num = predictions.num_samples
-    order = torch.arange(num, device=device)
-    # First occurrence wins: the smallest prediction index per dataset position.
-    first = torch.full((len(dataset),), num, dtype=torch.int64, device=device)
-    first.scatter_reduce_(0, pos, order, reduce="amin")
-    kept = first[pos] == order
-    valid = kept if predictions.valid is None else kept & predictions.valid
-    class_of = arrays.class_ids[pos]
-    error_steps, cu_errors = arrays.gather_errors(pos)
-    class_counts, sample_counts = step_confusion(
-        predictions.scored_labels(arrays.class_ids),
-        torch.zeros(num, dtype=torch.float64, device=device),  # unused: the labels are booleans
-        predictions.cu_steps.long(),
-        error_steps,
-        cu_errors,
-        torch.where(valid, class_of, _UNSCORED_CLASS),
-        len(ALL_CLASSES) + 1,
-        backend=backend,
-    )
-    host = _Host(pos, kept, valid, class_of, sample_counts, predictions.step_counts(), class_counts[: len(ALL_CLASSES)])
+    # The ops below are small (one pass over the steps each) and run on the CPU for CPU predictions: on one
+    # thread, so that other processes on the cores do not stall them (prmbench_fast.host_threads).
+    with single_threaded(predictions.device, predictions.num_steps):
+        predictions.check(len(dataset))
+        device = predictions.device
+        arrays = _DeviceArrays.of(dataset, device)
+        pos = predictions.sample_pos
+        num = predictions.num_samples
+        order = torch.arange(num, device=device)
+        # First occurrence wins: the smallest prediction index per dataset position.
+        first = torch.full((len(dataset),), num, dtype=torch.int64, device=device)
+        first.scatter_reduce_(0, pos, order, reduce="amin")
+        kept = first[pos] == order
+        valid = kept if predictions.valid is None else kept & predictions.valid
+        class_of = arrays.class_ids[pos]
+        error_steps, cu_errors = arrays.gather_errors(pos)
+        class_counts, sample_counts = step_confusion(
+            predictions.scored_labels(arrays.class_ids),
+            torch.zeros(num, dtype=torch.float64, device=device),  # unused: the labels are booleans
+            predictions.cu_steps.long(),
+            error_steps,
+            cu_errors,
+            torch.where(valid, class_of, _UNSCORED_CLASS),
+            len(ALL_CLASSES) + 1,
+            backend=backend,
+        )
+        host = _Host(pos, kept, valid, class_of, sample_counts, predictions.step_counts(),
+                     class_counts[: len(ALL_CLASSES)])
     is_correct = host.class_of == CLASS_ID[CORRECT]
     # Official processing order: the correct samples' predictions first, then the others, each in given order.
     scored = np.concatenate([np.flatnonzero(host.valid & is_correct), np.flatnonzero(host.valid & ~is_correct)])

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .classes import CLASS_ID, REDUNDANCY_CLASSES
+from .host_threads import single_threaded
 
 VALIDITY_LABELS = "step_level_validity_labels"
 VALIDITY_SCORES = "step_level_validity_scores"
@@ -396,7 +397,8 @@ def parse_results(
                 _check_list(sample_id, VALIDITY_SCORES, step_scores)
             extend_scores([nan] * len(step_labels))  # no scores, or not one per label: unusable for analyses
         end_sample(len(labels))
-    flat = _flat(dataset, kept, offsets, labels, scores if keep_scores else None, invalid, redundancy)
+    with single_threaded("cpu", len(labels)):  # small host work (prmbench_fast.host_threads)
+        flat = _flat(dataset, kept, offsets, labels, scores if keep_scores else None, invalid, redundancy)
     return ParsedResults(flat, unknown, duplicates, ranges)
 
 
