@@ -14,12 +14,16 @@
 Prints one table (median times, derived steps/s, ratios to the official loop) with the device, versions and a
 timestamp. Targets (issue #9): evaluate() from dicts >= 10x the official loop, from flat tensors >= 100x; every
 provider's numbers are checked equal to the official loop's before timing.
-Usage: python bench/bench_evaluate.py [--data PATH] [--repeats N]
+With ``--busy N``, N CPU-bound background processes run during the measurement (other jobs sharing the cores;
+each stops by itself after ``--busy-seconds`` and all are stopped when the benchmark ends). The targets hold quiet
+and with two busy processes.
+Usage: python bench/bench_evaluate.py [--data PATH] [--repeats N] [--busy N] [--busy-seconds S]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import random
 import statistics
@@ -31,7 +35,7 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import environment_line  # noqa: E402
+from common import busy_processes, environment_line  # noqa: E402
 from prmbench_fast.testing.official_oracle import evaluate_official, score_one_sample  # noqa: E402
 
 from prmbench_fast import PRMBenchMetric, evaluate, load_prmbench  # noqa: E402
@@ -86,7 +90,11 @@ def metric_in_batches(dataset, flat, batch: int = 256):
     """PRMBenchMetric fed ``flat`` in batches of ``batch`` samples (sliced views, as a training loop hands them)."""
     metric = PRMBenchMetric(dataset)
     cu = flat.cu_steps.tolist()
-    scores = flat.validity_scores if flat.validity_scores is not None else flat.validity_labels.double()
+    labels = flat.validity_labels.to(torch.float64)
+    scores = flat.validity_scores if flat.validity_scores is not None else labels
+    # A step with a label but no score holds NaN in the flat layout; the metric refuses non-finite scores (the labels
+    # given with them decide the counts), so such steps get their label as score.
+    scores = torch.where(torch.isnan(scores), labels.to(scores.dtype), scores)
     for start in range(0, flat.num_samples, batch):
         end = min(start + batch, flat.num_samples)
         lo, hi = cu[start], cu[end]
@@ -130,7 +138,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "prmbench" / "prmbench_preview.jsonl"))
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--busy", type=int, default=0, help="CPU-bound background processes during the measurement")
+    parser.add_argument("--busy-seconds", type=float, default=110.0,
+                        help="the longest a background process runs (the whole benchmark takes ~1 min)")
     args = parser.parse_args()
+    with busy_processes(args.busy, args.busy_seconds):
+        run(args)
+
+
+def run(args) -> None:
 
     dataset = load_prmbench(args.data)
     predictions = random_predictions(dataset)
@@ -140,7 +156,7 @@ def main() -> None:
         {"idx": s.id, "steps": list(s.steps), "error_steps": list(s.error_steps), "classification": s.classification}
         for s in dataset
     ]
-    print(environment_line())
+    print(environment_line() + f" | {args.busy} busy background processes | load {os.getloadavg()[0]:.2f}")
     print(f"full PRMBench: {len(dataset)} samples, {steps} steps; median of repeats\n")
     print(f"{'part':<26}{'provider':<34}{'time (ms)':>11}{'Msteps/s':>10}{'speed-up':>10}")
 

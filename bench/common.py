@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
+import subprocess
+import sys
 
 import torch
 
@@ -38,3 +41,19 @@ def environment_line(device: str = "cpu") -> str:
         f"device: {device_name(device)} | torch {torch.__version__} | triton {triton_version} | "
         f"python {platform.python_version()} | {stamp}"
     )
+
+
+@contextlib.contextmanager
+def busy_processes(count: int, seconds: float):
+    """``count`` CPU-bound background processes (a Python spin loop each) for the duration of the block: the load of
+    other jobs sharing the cores. Each process also stops by itself after ``seconds``, so none outlives a benchmark
+    that is killed; on leaving the block they are terminated and waited for."""
+    spin = f"import time\nend = time.monotonic() + {float(seconds)}\nwhile time.monotonic() < end:\n    pass\n"
+    processes = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait()
