@@ -48,8 +48,18 @@ test-fast: setup
 
 # The main job: the embedded default PRM (SmolLM2-135M-Instruct as an LLM judge, from a PyPI wheel) on a stratified
 # subset of PRMBench (4 problems per class, their variants in every class, and the clean partners).
+# Given ProcessBench files (make demo PROCESSBENCH_DATA=data/processbench, e.g. from make processbench-data; an
+# exported $PROCESSBENCH_DATA counts too), the demo then prints the same model's ProcessBench row on
+# PROCESSBENCH_LIMIT solutions per split, half correct, half erroneous: 6 per split is 24 solutions, ~15k tokens,
+# about 1.5 min on CPU (166 tokens/s measured on 2 shared cores).
+PROCESSBENCH_DATA ?=
+PROCESSBENCH_LIMIT ?= 6
 demo: setup
 	$(BIN)/prmbench-fast score --data $(DATA) --limit-per-class 4 --output-dir runs/demo
+ifneq ($(strip $(PROCESSBENCH_DATA)),)
+	$(BIN)/prmbench-fast score --task processbench --data $(PROCESSBENCH_DATA) \
+		--limit-per-split $(PROCESSBENCH_LIMIT) --output-dir runs/demo-processbench
+endif
 
 bench: setup
 	$(BIN)/python bench/bench_evaluate.py --data $(DATA)

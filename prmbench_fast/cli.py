@@ -229,6 +229,8 @@ def _check_score_args(args: argparse.Namespace) -> None:
         _check_critic_args(args)
     else:
         _check_prm_args(args)
+    if args.limit_per_split is not None and args.task != "processbench":
+        raise ValueError("--limit-per-split applies to --task processbench only (PRMBench: --limit-per-class)")
     if args.output_dir:
         check_output_dir(args.output_dir)
     if args.cache_dir:
@@ -308,6 +310,8 @@ def _score(args: argparse.Namespace) -> int:
 
     _check_score_args(args)
     dataset = load_prmbench(args.data, task=args.task, limit_per_class=args.limit_per_class)
+    if args.limit_per_split is not None:
+        dataset = dataset.subset(limit_per_split=args.limit_per_split)
     if args.critic:
         return _score_critic(args, dataset)
 
@@ -408,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--task", default="prmbench", choices=TASK_NAMES, help=TASK_HELP)
     sc.add_argument("--limit-per-class", type=_positive_int,
                     help="score a stratified subset of at most N samples per class")
+    sc.add_argument("--limit-per-split", type=_positive_int,
+                    help="--task processbench: score at most N solutions per split (the first N/2 correct and N/2 "
+                    "erroneous ones)")
     sc.add_argument("--max-length", type=_positive_int, default=2048, help="official truncation length in tokens")
     sc.add_argument("--batch-tokens", type=_positive_int, default=16384, help="tokens per packed batch")
     sc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype when loading a checkpoint")

@@ -89,6 +89,20 @@ class ProcessBenchDataset(SampleSet[ProcessBenchSample]):
         keep = set(ids)
         return ProcessBenchDataset((s for s in self.samples if s.id in keep), self.diagnostics)
 
+    def subset(self, limit_per_split: int) -> "ProcessBenchDataset":
+        """A deterministic subset of at most ``limit_per_split`` solutions per split, in data order, balanced so
+        that both official accuracies are defined: the first ⌈N/2⌉ correct solutions (label -1) and the first ⌊N/2⌋
+        erroneous ones of each split, the other group filling in where a split has fewer of one."""
+        if not isinstance(limit_per_split, int) or isinstance(limit_per_split, bool) or limit_per_split < 1:
+            raise ValueError(f"limit_per_split must be a positive integer, got {limit_per_split!r}")
+        keep: list[str] = []
+        for split in self.splits:
+            correct = [s.id for s in self.samples if s.split == split and s.label == -1]
+            erroneous = [s.id for s in self.samples if s.split == split and s.label != -1]
+            num_correct = min(len(correct), max((limit_per_split + 1) // 2, limit_per_split - len(erroneous)))
+            keep += correct[:num_correct] + erroneous[:limit_per_split - num_correct]
+        return self.restrict_to(keep)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
