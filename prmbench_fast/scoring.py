@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import functools
 import os
+import queue
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -32,7 +34,7 @@ from .predictions import StepPredictions, parse_results
 from .prefix_sharing import prefix_sharing_unsupported, shared_step_hidden
 from .results_store import ResultsStore, ResultsWriter
 from .tasks import check_task_dataset, get_task
-from .token_cache import encode_dataset, packed_batches
+from .token_cache import encode_chunks, packed_batches
 
 def _model_name(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
@@ -70,37 +72,99 @@ def _inference(model: torch.nn.Module):
             module.training = training
 
 
-def _shared_units(fam: Family, dataset: PRMBenchDataset, todo, *, max_length: int, batch_tokens: int, cache_dir):
-    """Samples of ``todo`` as lists of whole problem groups (same source problem) of about ``batch_tokens`` tokens.
+#: Samples tokenized per chunk on the prefix-sharing path: the first forward waits for the first chunk, so it is small
+#: (256 PRMBench samples are ~165k tokens, ~10 batches of 16k, ~0.1 s of tokenization), and large enough for a fast
+#: tokenizer's batch call and for the texts a problem's variants share to be tokenized once.
+SHARED_CHUNK_SAMPLES = 256
+
+
+def _shared_units(fam: Family, dataset: PRMBenchDataset, todo, *, max_length: int, batch_tokens: int, cache_dir,
+                  chunk_samples: int = SHARED_CHUNK_SAMPLES) -> Iterator[list[TokenizedSample]]:
+    """Samples of ``todo`` as lists of whole problem groups (same source problem) of about ``batch_tokens`` tokens,
+    each yielded as soon as it is formed.
 
     A group's variants share their prefixes, so a group is never split; a list is also the unit written to
-    ``output_dir`` at once (what a crash can lose). Returns the lists and their total tokens after truncation.
+    ``output_dir`` at once (what a crash can lose). The groups are taken in data order and tokenized a chunk of whole
+    groups at a time, so a list is formed from the groups before it only: the lists are the ones tokenizing everything
+    first would give, while the forwards of the first ones run.
     """
-    encoded = encode_dataset(fam, dataset, todo, cache_dir=cache_dir)
-    groups: dict[str, list[TokenizedSample]] = {}
-    for position, e in zip(todo, encoded):
-        groups.setdefault(dataset.samples[position].source_idx, []).append(
-            TokenizedSample(e.input_ids, e.reward_pos, key=position)
-        )
-    units: list[list[TokenizedSample]] = []
-    size = total = 0
+    groups: dict[str, list[int]] = {}
+    for position in todo:
+        groups.setdefault(dataset.samples[position].source_idx, []).append(position)
+    chunks: list[list[list[int]]] = [[]]
+    size = 0
     for group in groups.values():
-        group_tokens = sum(min(len(s.input_ids), max_length) for s in group)
-        if not units or size + group_tokens > batch_tokens:
-            units.append([])
+        if size >= chunk_samples:
+            chunks.append([])
             size = 0
-        units[-1].extend(group)
-        size += group_tokens
-        total += group_tokens
-    return units, total
+        chunks[-1].append(group)
+        size += len(group)
+    positions = ([p for group in chunk for p in group] for chunk in chunks)
+    unit: list[TokenizedSample] = []
+    size = 0
+    # Driven by encode_chunks (not zipped with `chunks`): it writes the cache file after its last chunk.
+    for chunk, encoded in enumerate(encode_chunks(fam, dataset, positions, cache_dir=cache_dir)):
+        encoded = iter(encoded)
+        for group in chunks[chunk]:
+            members = [TokenizedSample(e.input_ids, e.reward_pos, key=p) for p, e in zip(group, encoded)]
+            group_tokens = sum(min(len(s.input_ids), max_length) for s in members)
+            if unit and size + group_tokens > batch_tokens:
+                yield unit
+                unit, size = [], 0
+            unit.extend(members)
+            size += group_tokens
+    if unit:
+        yield unit
+
+
+def _in_background(items: Iterable, depth: int = 2) -> Iterator:
+    """The items of ``items``, produced by a thread at most ``depth`` ahead of the caller (a fast tokenizer releases
+    the GIL, and the host mostly waits for the device while a forward runs). An error of the producer is raised here;
+    closing the generator stops the producer after its current item."""
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as err:  # noqa: BLE001 handed to the caller, raised there
+            put((end, err))
+
+    thread = threading.Thread(target=produce, name="prmbench-tokenize", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = handoff.get()
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class _Progress:
     """Tokens/s and ETA on stderr (rank 0 only)."""
 
-    def __init__(self, total_tokens: int, enabled: bool):
+    def __init__(self, total_tokens: int | None, enabled: bool):
+        """``total_tokens``: None while unknown (the bar then counts without an ETA)."""
         self.bar = None
-        if enabled and total_tokens:
+        if enabled and total_tokens != 0:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="prmbench", dynamic_ncols=True)
@@ -234,9 +298,12 @@ def score(
         todo = [i for i, s in enumerate(dataset.samples) if s.id not in finished][rank::world]
         share, sharing_note = _share_prefixes(model, fam, share_prefixes)
         if share:
-            units, tokens = _shared_units(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
-                                          cache_dir=cache_dir)
+            # Tokenized by a producer thread while the forwards run; the total is known when the last unit is formed.
+            units = stack.enter_context(contextlib.closing(_in_background(_shared_units(
+                fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens, cache_dir=cache_dir))))
+            tokens = None
         else:
+            # Length-sorted across all samples: batches exist only once every sample is tokenized.
             units = packed_batches(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
                                    cache_dir=cache_dir)
             tokens = sum(b.num_tokens for b in units)
@@ -247,6 +314,7 @@ def score(
                 run.batch(model, unit, share=share, device=device, max_length=max_length, batch_tokens=batch_tokens,
                           backend=backend)
         run.finish(device)
+        tokens = run.tokens
 
         # Every rank gathers every rank's predictions (device tensors) and evaluates them all: the same report
         # everywhere.
@@ -317,8 +385,9 @@ class _Run:
     """The forward passes of one score() call: each batch's step predictions on the device, its result lines in the
     run folder (the one host copy), progress and throughput figures."""
 
-    def __init__(self, fam: Family, dataset, store: ResultsStore | None, tokens: int, *, progress: bool):
+    def __init__(self, fam: Family, dataset, store: ResultsStore | None, tokens: int | None, *, progress: bool):
         self.fam = fam
+        self.tokens = 0  # tokens of the batches run (after truncation)
         self.writer = ResultsWriter(store) if store is not None else None
         self.sample_ids = [s.id for s in dataset.samples] if store is not None else None
         self.parts: list[StepPredictions] = []
@@ -357,6 +426,7 @@ class _Run:
             # writer thread, so the host goes on queueing the next batch.
             host, ready = _host_copy(dataclasses.replace(part, sample_pos=sample_pos))
             self.writer.submit(ready, functools.partial(host.to_results, self.sample_ids))
+        self.tokens += meta.num_tokens
         self.bar.update(meta.num_tokens)
 
     def finish(self, device: torch.device) -> None:

@@ -13,7 +13,7 @@ import json
 import os
 import pathlib
 import warnings
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -91,6 +91,17 @@ def encode_dataset(
     With a ``cache_dir``, the file is read once per process and rewritten whenever it lacks a requested sample,
     including samples that were encoded earlier in memory only.
     """
+    return [e for chunk in encode_chunks(family, dataset, [positions], cache_dir=cache_dir) for e in chunk]
+
+
+def encode_chunks(
+    family: Family, dataset: PRMBenchDataset, chunks: Iterable[Sequence[int]], *,
+    cache_dir: str | os.PathLike | None = None,
+) -> Iterator[list[Encoded]]:
+    """:func:`encode_dataset` of each chunk of positions in turn, yielded as soon as the chunk is encoded (what a
+    producer thread hands the forward passes while it encodes the next chunk). The cache file is written once, after
+    the last chunk, if it lacked a requested sample: a run stopped half-way leaves the file as it was.
+    """
     key = family.cache_key()
     memory = _ENCODED.setdefault(key, {})
     on_disk = None
@@ -103,13 +114,16 @@ def encode_dataset(
                 memory.setdefault(sample_id, encoded)
             _ON_DISK[str(path)] = set(stored)
         on_disk = _ON_DISK[str(path)]
-    wanted = [dataset.samples[p] for p in positions]
-    missing = list({sample.id: sample for sample in wanted if sample.id not in memory}.values())
-    memory.update(zip((sample.id for sample in missing), family.encode_many(missing)))
-    if on_disk is not None and any(sample.id not in on_disk for sample in wanted):
+    stale = False
+    for positions in chunks:
+        wanted = [dataset.samples[p] for p in positions]
+        missing = list({sample.id: sample for sample in wanted if sample.id not in memory}.values())
+        memory.update(zip((sample.id for sample in missing), family.encode_many(missing)))
+        stale = stale or (on_disk is not None and any(sample.id not in on_disk for sample in wanted))
+        yield [memory[sample.id] for sample in wanted]
+    if stale:
         _save_disk(path, memory)
         _ON_DISK[str(path)] = set(memory)
-    return [memory[sample.id] for sample in wanted]
 
 
 def packed_batches(
