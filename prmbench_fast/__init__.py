@@ -21,6 +21,7 @@ Importing the package touches no GPU and does not import Triton or transformers;
 first use.
 """
 
+from . import tasks  # noqa: F401 (the task registry: installs the task lookup load_prmbench/evaluate(task=) use)
 from .data import PRMBenchDataError, PRMBenchDataset, Sample, load_prmbench
 from .evaluate import PredictionError, Report, evaluate, evaluate_steps
 from .streaming_metric import PRMBenchMetric, ProcessBenchMetric

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from .classes import CLASS_DOMAIN, CLASS_ID, CORRECT, CORRECT_SOURCE_CLASS, ERROR_CLASSES, REDUNDANCY_CLASSES
+from . import task_lookup
 from .extras import require
 from .io import FileError, looks_like_hub_id, read_jsonl
 
@@ -393,13 +394,11 @@ def load_prmbench(
             file, and the line and field where there is one.
         MissingFileError: ``source`` is not an ``owner/name`` hub id and does not exist (a ``FileNotFoundError``).
     """
-    if task != "prmbench":
-        from .tasks import get_task
-
+    if task != "prmbench":  # another task's loader, from the task registry (above this module)
         subset = {k: v for k, v in (("classes", classes), ("limit_per_class", limit_per_class)) if v is not None}
         if subset:
             raise ValueError(f"task {task!r} has its own samples: {', '.join(subset)} do not apply")
-        return get_task(task).load(source)
+        return task_lookup.get_task(task).load(source)
     source = resolve_source(source)
     path = pathlib.Path(source)
     builder = _Builder()

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from . import ratios as metrics
+from . import task_lookup
 from .classes import ALL_CLASSES, CLASS_ID, CORRECT
 from .data import PRMBenchDataset
 from .host_threads import single_threaded
 from .ops import step_confusion
 from .predictions import PredictionError, StepPredictions, ThresholdWarning, check_predictions_argument, parse_results
-from .tasks import check_task_dataset
 
 #: The validity-rate denominators (SPEC §2.5): the main task subtracts the correct samples' predictions from the number
 #: of samples; the subset400 task's copy of the evaluator does not.
@@ -158,13 +158,11 @@ def evaluate(
             none that matches a sample of the dataset.
     """
     check_predictions_argument(predictions)
-    if task != "prmbench":
-        from .tasks import get_task
-
-        return get_task(task).evaluate(dataset, predictions, **task_options)
+    if task != "prmbench":  # another task's evaluator, from the task registry (above this module)
+        return task_lookup.get_task(task).evaluate(dataset, predictions, **task_options)
     if task_options:
         raise TypeError(f"evaluate() got unexpected options {sorted(task_options)}")
-    check_task_dataset(task, dataset)
+    task_lookup.check_task_dataset(task, dataset)
     thresholds = {"validity_threshold": validity_threshold, "redundancy_threshold": redundancy_threshold}
     for name, value in thresholds.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

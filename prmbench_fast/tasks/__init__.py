@@ -7,20 +7,27 @@
 - ``"processbench"``: ProcessBench (QwenLM), the other benchmark PRM papers report: the first wrong step of single
   solutions, F1 per split.
 
-The contract every task follows (what ``load_prmbench(task=)``, ``evaluate(task=)``, ``score(task=)`` and the CLI's
-``--task`` call)::
+The registry is the one place a task name is looked up: ``load_prmbench(task=)``, ``evaluate(task=)``,
+``score(task=)``, the report and the CLI's ``--task`` all call::
 
     task = get_task(name)
     dataset = task.load(source, **load_options)          # samples with .id, .question, .steps, .source_idx
     report = task.evaluate(dataset, predictions, **evaluate_options)
 
-Tasks are modules imported on first use, so the BoN task's imports cost nothing to the others.
+Each task is one module here that declares everything about it (the :class:`Task` protocol), so adding a task
+touches this folder only. The registry sits above the loaders and evaluators its tasks import (``data.py``,
+``evaluate.py``, ``predictions.py``); those reach it through ``prmbench_fast.task_lookup``, which importing this
+package fills, and never import it. Tasks are modules imported on first use, so the BoN task's imports cost nothing
+to the others.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any, Protocol
+
+from .. import task_lookup
+from ..task_lookup import check_task_dataset
 
 #: name -> module (in this package) defining ``TASK``.
 _MODULES = {"prmbench": "prmbench", "subset400": "subset400", "bon": "bon", "processbench": "processbench"}
@@ -33,6 +40,7 @@ class Task(Protocol):
 
     name: str
     dataset_type: type  # what load() returns: the data its evaluator accepts
+    loaded_by: str  # the call that loads it, for the error a wrong dataset gets
 
     def load(self, source: Any = None, **options: Any) -> Any:
         """The task's evaluation set from ``source`` (a file, a folder, a hub id; None: the task's default)."""
@@ -48,14 +56,6 @@ def get_task(name: str) -> Task:
     return importlib.import_module(f"{__name__}.{_MODULES[name]}").TASK
 
 
-def check_task_dataset(task: str, dataset: Any, argument: str = "dataset") -> None:
-    """Raise TypeError naming ``argument`` when ``dataset`` is not the kind of data ``task`` evaluates (the task's
-    ``dataset_type``: BoN data for "bon", ProcessBench data for "processbench", PRMBench data for the others)."""
-    wanted = get_task(task).dataset_type
-    if not isinstance(dataset, wanted):
-        how = f'load_prmbench(path, task="{task}")' if task in ("bon", "processbench") else f'load_prmbench(task="{task}")'
-        raise TypeError(f"{argument} must be the {task} task's data (from {how}), got {type(dataset).__name__}: "
-                        "pass the task= its data was loaded for")
-
+task_lookup.register(get_task)
 
 __all__ = ["DEFAULT_TASK", "TASK_NAMES", "Task", "check_task_dataset", "get_task"]

@@ -408,6 +408,7 @@ def evaluate_bon(dataset: BoNDataset, predictions: Any, *, seed: int = 0) -> BoN
 class BoNTask:
     name = "bon"
     dataset_type = BoNDataset
+    loaded_by = 'load_prmbench(path, task="bon")'
 
     def load(self, source: Any = None) -> BoNDataset:
         return load_bon(source)

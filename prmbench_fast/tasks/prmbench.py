@@ -12,6 +12,7 @@ from ..evaluate import Report, evaluate
 class PRMBenchTask:
     name = "prmbench"
     dataset_type = PRMBenchDataset
+    loaded_by = 'load_prmbench(task="prmbench")'
 
     def load(
         self, source: Any = None, *, classes: Iterable[str] | None = None, limit_per_class: int | None = None

@@ -588,6 +588,7 @@ def read_prediction_lines(path: str | os.PathLike) -> list[tuple[int, dict[str, 
 class ProcessBenchTask:
     name = "processbench"
     dataset_type = ProcessBenchDataset
+    loaded_by = 'load_prmbench(path, task="processbench")'
 
     def load(self, source: Any = None) -> ProcessBenchDataset:
         return load_processbench(source)

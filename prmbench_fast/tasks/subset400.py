@@ -54,6 +54,7 @@ def select_subset400(full: PRMBenchDataset) -> PRMBenchDataset:
 class Subset400Task:
     name = "subset400"
     dataset_type = PRMBenchDataset
+    loaded_by = 'load_prmbench(task="subset400")'
 
     def load(self, source: Any = None) -> PRMBenchDataset:
         """``source``: the full PRMBench data (a file, folder or hub id; default as :func:`load_prmbench`)."""
