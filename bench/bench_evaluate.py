@@ -86,15 +86,20 @@ def prediction_set(dataset, kind: str, seed: int = 0):
     return results
 
 
-def metric_in_batches(dataset, flat, batch: int = 256):
-    """PRMBenchMetric fed ``flat`` in batches of ``batch`` samples (sliced views, as a training loop hands them)."""
-    metric = PRMBenchMetric(dataset)
-    cu = flat.cu_steps.tolist()
+def metric_scores(flat):
+    """The step scores PRMBenchMetric is fed: the flat layout's, with a step's label as its score where the layout
+    holds NaN (labels without scores; update() refuses non-finite scores, and the labels given with them decide the
+    counts). Made once, outside the timed calls."""
     labels = flat.validity_labels.to(torch.float64)
     scores = flat.validity_scores if flat.validity_scores is not None else labels
-    # A step with a label but no score holds NaN in the flat layout; the metric refuses non-finite scores (the labels
-    # given with them decide the counts), so such steps get their label as score.
-    scores = torch.where(torch.isnan(scores), labels.to(scores.dtype), scores)
+    return torch.where(torch.isnan(scores), labels.to(scores.dtype), scores)
+
+
+def metric_in_batches(dataset, flat, scores, batch: int = 256):
+    """PRMBenchMetric fed ``flat`` (``scores`` from :func:`metric_scores`) in batches of ``batch`` samples (sliced
+    views, as a training loop hands them)."""
+    metric = PRMBenchMetric(dataset)
+    cu = flat.cu_steps.tolist()
     for start in range(0, flat.num_samples, batch):
         end = min(start + batch, flat.num_samples)
         lo, hi = cu[start], cu[end]
@@ -172,11 +177,12 @@ def run(args) -> None:
     for kind in ("labels", "scores+labels", "reasonEval", "critic"):
         results = prediction_set(dataset, kind)
         flat = parse_results(dataset, results).predictions
+        scores = metric_scores(flat)
         official_result, _ = evaluate_official(results, oracle_samples)
         providers = (
             ("evaluate() from result dicts", lambda: evaluate(dataset, results)),
             ("evaluate() on flat tensors", lambda: evaluate(dataset, flat)),
-            ("PRMBenchMetric, batches of 256", lambda: metric_in_batches(dataset, flat)),
+            ("PRMBenchMetric, batches of 256", lambda: metric_in_batches(dataset, flat, scores)),
         )
         for provider, run in providers:  # every provider's numbers equal the official loop's before it is timed
             ours = run().official

@@ -14,6 +14,7 @@ the writer thread, report); then where the host time went.
 
     python bench/bench_host_pipeline.py                 # 1.5B on an H100 (~23 s of forwards per call)
     python bench/bench_host_pipeline.py --params 7e9    # 7B (~107 s per call)
+    python bench/bench_host_pipeline.py --share-prefixes  # the prefix-sharing path, tokenized by a producer thread
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from common import environment_line  # noqa: E402
 
 import prmbench_fast  # noqa: E402
 from prmbench_fast import results_store, scoring, token_cache  # noqa: E402
+from prmbench_fast.families import Family  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "prmbench" / "prmbench_preview.jsonl"
 TOKENIZER = pathlib.Path.home() / ".cache" / "prmbench_fast" / "SmolLM2-135M-Instruct"
@@ -80,6 +82,13 @@ class SimulatedDevice:
 class _Config:
     _attn_implementation = "sdpa"
     _name_or_path = "simulated-backbone"
+    num_attention_heads = 1
+
+    def __init__(self, hidden: int):
+        self.hidden_size = hidden
+
+    def get_text_config(self, decoder: bool = False) -> "_Config":
+        return self  # what prefix sharing reads: hidden size and heads
 
 
 class StubDecoder(torch.nn.Module):
@@ -87,7 +96,7 @@ class StubDecoder(torch.nn.Module):
 
     def __init__(self, device: SimulatedDevice, *, params: float, flops: float, hidden: int):
         super().__init__()
-        self.config = _Config()
+        self.config = _Config(hidden)
         self.sim, self.seconds_per_token = device, 2 * params / flops
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.hidden = torch.randn(1, 32768, hidden)  # sliced per batch: batches are at most batch_tokens long
@@ -130,10 +139,11 @@ class Timers:
         stack.callback(setattr, owner, name, original)
 
 
-def one_call(model, tokenizer, dataset, sim: SimulatedDevice, *, output_dir=None, batch_tokens: int):
+def one_call(model, tokenizer, dataset, sim: SimulatedDevice, *, output_dir=None, batch_tokens: int, share: bool):
     timers = Timers()
     with contextlib.ExitStack() as stack:
-        timers.wrap(stack, token_cache, "encode_dataset", "tokenize")
+        # With prefix sharing, a producer thread tokenizes while the forwards run: its seconds overlap them.
+        timers.wrap(stack, Family, "encode_many", "tokenize")
         timers.wrap(stack, token_cache, "pack_batches", "pack")
         timers.wrap(stack, token_cache, "_save_disk", "tokenization cache file")
         timers.wrap(stack, scoring, "weights_fingerprint", "weights fingerprint")
@@ -147,7 +157,7 @@ def one_call(model, tokenizer, dataset, sim: SimulatedDevice, *, output_dir=None
         busy0 = sim.busy
         sim.first_start = None
         start = time.perf_counter()
-        prmbench_fast.score(model, dataset, tokenizer=tokenizer, family="generic", share_prefixes=False,
+        prmbench_fast.score(model, dataset, tokenizer=tokenizer, family="generic", share_prefixes=share,
                             batch_tokens=batch_tokens, output_dir=output_dir, progress=False)
         returned = time.perf_counter()
         sim.synchronize()
@@ -172,7 +182,10 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=16384)
     parser.add_argument("--hidden", type=int, default=64,
                         help="stub hidden size: the host's work does not depend on it, the memory does")
+    parser.add_argument("--share-prefixes", action="store_true",
+                        help="the prefix-sharing path (groups tokenized by a producer thread during the forwards)")
     args = parser.parse_args()
+    calls = {"batch_tokens": args.batch_tokens, "share": args.share_prefixes}
 
     from transformers import PreTrainedTokenizerFast
 
@@ -180,18 +193,19 @@ def main() -> None:
     dataset = prmbench_fast.load_prmbench(args.data)
     sim = SimulatedDevice()
     model = StubPRM(StubDecoder(sim, params=args.params, flops=args.tflops * 1e12, hidden=args.hidden), args.hidden)
-    rows = {"cold": one_call(model, tokenizer, dataset, sim, batch_tokens=args.batch_tokens),
-            "warm": one_call(model, tokenizer, dataset, sim, batch_tokens=args.batch_tokens)}
+    rows = {"cold": one_call(model, tokenizer, dataset, sim, **calls),
+            "warm": one_call(model, tokenizer, dataset, sim, **calls)}
     with tempfile.TemporaryDirectory() as folder:
         # The tokenization cache is already in memory, as in a training loop's later calls.
         rows["output_dir"] = one_call(model, tokenizer, dataset, sim, output_dir=pathlib.Path(folder) / "run",
-                                      batch_tokens=args.batch_tokens)
+                                      **calls)
 
     print(environment_line())
     with open("/proc/loadavg") as f:
         print(f"load average (1, 5, 15 min): {' '.join(f.read().split()[:3])}")
     print(f"{len(dataset)} samples, generic family, tokenizer {pathlib.Path(args.tokenizer).name}; simulated "
-          f"{args.params / 1e9:g}B model at {args.tflops:g} TFLOP/s, batch_tokens {args.batch_tokens}\n")
+          f"{args.params / 1e9:g}B model at {args.tflops:g} TFLOP/s, batch_tokens {args.batch_tokens}, "
+          f"prefix sharing {'on' if args.share_prefixes else 'off'}\n")
     print(f"{'call':<12}{'wall s':>9}{'forward s':>11}{'ratio':>8}{'target':>8}  met")
     for name, row in rows.items():
         target = TARGETS[name] if args.params == 1.5e9 else None
