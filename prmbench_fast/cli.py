@@ -8,7 +8,6 @@ problem``, and exit status 2, without a traceback. Ctrl-C exits with status 130;
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -18,10 +17,7 @@ import warnings
 
 from .extras import MissingExtraError
 from .io import FileWarning
-from .tasks import TASK_NAMES
-
-TASK_HELP = ("prmbench: the whole benchmark (default); subset400: the official 394-row quick task (its own validity "
-             "rate); bon: the official best-of-n task; processbench: ProcessBench (--data: its files or folder)")
+from .tasks import TASK_HELP, TASK_NAMES
 
 #: Errors that are the user's to fix: shown as one line, exit status 2. ValueError covers every file, data,
 #: prediction, family and run-folder error of the package; OSError covers paths, locks and refusing endpoints.
@@ -57,151 +53,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _print_unknown_ids(unknown: list[str]) -> None:
-    if unknown:
-        print(f"{len(unknown)} prediction id(s) are not in the data and were ignored (e.g. {unknown[0]!r})")
-
-
 def _evaluate(args: argparse.Namespace) -> int:
-    from .io import PredictionFileError, check_output_dir, check_output_file, read_prediction_lines, write_json_atomic
     from .tasks import get_task
 
-    task = get_task(args.task)
-    if hasattr(task, "evaluate_command"):  # a task that wires its own command (processbench)
-        return task.evaluate_command(args)
-    if args.output:
-        check_output_file(args.output)  # before any work
-        _check_not_an_input(args.output, args)
-    if args.output_dir:
-        check_output_dir(args.output_dir)
-    if args.only_predicted and args.task != "prmbench":
-        raise ValueError(f"--only-predicted applies to --task prmbench only; the {args.task} task scores its own samples")
-    dataset = task.load(args.data)
-    lines = read_prediction_lines(args.predictions)
-    predictions = [record for _, record in lines]
-    if not predictions:
-        raise PredictionFileError(args.predictions, None, None, "no predictions (the file is empty)")
-    predicted = {r["idx"] for r in predictions}
-    if predicted.isdisjoint(dataset.by_id):
-        raise PredictionFileError(args.predictions, None, "idx", f"none of its {len(predicted)} prediction ids is in "
-                                  f"the data (e.g. {predictions[0]['idx']!r})")
-    if args.only_predicted:
-        dataset = dataset.restrict_to(predicted)
-    with contextlib.ExitStack() as stack:
-        # The run folder is claimed (identity and lock) before the work, and held until its files are written.
-        store = stack.enter_context(_evaluate_store(args, dataset)) if args.output_dir else None
-        with _naming_the_line(args.predictions, lines):
-            report = _evaluate_report(args, task, dataset, predictions)
-        content = report.to_json() if args.task == "bon" else {
-            "official": report.official, "table": report.table, "diagnostics": report.diagnostics}
-        _print_duplicates(predictions)
-        if args.output:
-            write_json_atomic(args.output, content)
-            print(f"wrote {args.output}")
-        if store is not None:
-            _write_evaluate_run(args, store, dataset, report, predictions)
-    return 0
-
-
-def _check_not_an_input(output: str, args: argparse.Namespace) -> None:
-    from .io import check_not_an_input
-
-    check_not_an_input(output, {"--predictions": args.predictions, "--data": args.data})
-
-
-def _evaluate_report(args: argparse.Namespace, task, dataset, predictions: list[dict]):
-    """The task's report on the predictions, its table and summary printed."""
-    if args.task == "bon":
-        report = task.evaluate(dataset, predictions, seed=args.seed)
-        print(report.format_table())
-        print(f"\nrandom tie-breaks seeded with {report.seed}")
-        _print_unknown_ids(report.diagnostics["unknown_prediction_ids"])
-        return report
-    report = task.evaluate(
-        dataset,
-        predictions,
-        validity_threshold=args.validity_threshold,
-        redundancy_threshold=args.redundancy_threshold,
-        backend=args.backend,
-        keep_scores=bool(args.output_dir),  # the run folder's analyses read the scores
-    )
-    print(report.format_table())
-    diag = report.diagnostics
-    print(
-        f"\n{len(report.sample_ids)} samples scored of {diag['samples']}; missing {len(diag['missing_ids'])}, "
-        f"invalid {len(diag['invalid_predictions'])}, steps left unscored {diag['steps_left_unscored']}, "
-        f"extra labels {diag['extra_labels']}"
-    )
-    _print_unknown_ids(diag.get("unknown_prediction_ids", []))
-    return report
-
-
-@contextlib.contextmanager
-def _naming_the_line(path: str, lines: list[tuple[int, dict]]):
-    """A PredictionError about one sample's prediction becomes a PredictionFileError naming the file and the line
-    (the first line of that id: the one the evaluator reads)."""
-    from .io import PredictionFileError
-    from .predictions import PredictionError
-
-    try:
-        yield
-    except PredictionError as err:
-        if err.sample_id is None:
-            raise
-        line = next(number for number, record in lines if record["idx"] == err.sample_id)
-        raise PredictionFileError(path, line, None, str(err)) from None
-
-
-def _print_duplicates(predictions: list[dict]) -> None:
-    """How many ids have more than one prediction, and how many of those disagree with the first (which is used)."""
-    first: dict[str, dict] = {}
-    repeated: set[str] = set()
-    conflicting: set[str] = set()
-    for record in predictions:
-        kept = first.setdefault(record["idx"], record)
-        if kept is not record:
-            repeated.add(record["idx"])
-            if _prediction_of(record) != _prediction_of(kept):
-                conflicting.add(record["idx"])
-    if repeated:
-        print(f"{len(repeated)} prediction id(s) appear more than once, {len(conflicting)} of them with different "
-              "predictions; the first line of each id is used, as the official evaluator does")
-
-
-def _prediction_of(record: dict) -> tuple:
-    return record.get("validity", True), record.get("scores")
-
-
-def _evaluate_store(args: argparse.Namespace, dataset):
-    """The evaluate run folder's store: its identity is the predictions file's content and the evaluation settings,
-    so a score or critic run folder, or another evaluation's, is never written over (unless --overwrite)."""
-    import hashlib
-
-    from .results_store import ResultsStore
-
-    identity = {"task": args.task, "data": dataset.content_hash,
-                "predictions": hashlib.sha256(pathlib.Path(args.predictions).read_bytes()).hexdigest(),
-                "only_predicted": args.only_predicted}
-    if args.task == "bon":
-        identity["seed"] = args.seed
-    else:
-        identity.update(validity_threshold=args.validity_threshold, redundancy_threshold=args.redundancy_threshold)
-    return ResultsStore(args.output_dir, identity, overwrite=args.overwrite, kind="evaluate")
-
-
-def _write_evaluate_run(args: argparse.Namespace, store, dataset, report, predictions: list[dict]) -> None:
-    """A run folder like score's: results.jsonl (the prediction lines read), report.json (with the analyses) and
-    table.txt, so that `prmbench-fast report` works on predictions made by any tool."""
-    report.run = {"task": args.task, "data": args.data, "predictions": str(args.predictions)}
-    if args.task != "bon":
-        from .analysis import analyze
-
-        report.run.update(validity_threshold=args.validity_threshold, redundancy_threshold=args.redundancy_threshold)
-        report.analysis = analyze(dataset, report)
-    store.replace_results(predictions)  # an evaluation is redone, never resumed: the folder holds this one's lines
-    store.write_report(report)
-    print(f"wrote the run folder {store.dir} (results.jsonl, report.json, table.txt); HTML: prmbench-fast report "
-          f"{store.dir}")
+    return get_task(args.task).evaluate_command(args)  # each task wires its own command
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -354,7 +209,9 @@ def _score(args: argparse.Namespace) -> int:
     )
     if args.output_dir:
         print(f"results, report.json and table.txt in {args.output_dir}")
-        if args.task not in ("bon", "processbench"):  # the PRMBench leaderboard and report page
+        from .tasks import get_task
+
+        if get_task(args.task).leaderboard:  # the PRMBench leaderboard and report page
             _print_summary(report, run, args.output_dir, samples=len(dataset))
     return 0
 

@@ -88,3 +88,19 @@ def test_the_registry_is_what_the_lower_modules_look_up():
         prmbench_fast.load_prmbench(task="nope")
     with pytest.raises(TypeError, match=r'bon task\'s data \(from load_prmbench\(path, task="bon"\)\), got list'):
         prmbench_fast.evaluate([], [{"idx": "x"}], task="bon")
+
+
+def test_every_task_declares_its_wiring():
+    for name in tasks.TASK_NAMES:
+        task = tasks.get_task(name)
+        assert task.name == name and isinstance(task.dataset_type, type) and isinstance(task.leaderboard, bool)
+        assert f'task="{name}"' in task.loaded_by
+        assert all(callable(getattr(task, f)) for f in ("load", "evaluate", "evaluate_command"))
+        assert f"{name}: " in tasks.TASK_HELP
+
+
+def test_the_command_line_leaves_the_tasks_to_the_registry():
+    """cli.py names no task that needs no option of its own: their commands are wired in prmbench_fast/tasks/."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert not strings & {"bon", "subset400"}

@@ -29,9 +29,15 @@ from typing import Any, Protocol
 from .. import task_lookup
 from ..task_lookup import check_task_dataset
 
-#: name -> module (in this package) defining ``TASK``.
-_MODULES = {"prmbench": "prmbench", "subset400": "subset400", "bon": "bon", "processbench": "processbench"}
-TASK_NAMES = tuple(_MODULES)
+#: name -> (the module in this package defining ``TASK``, what the task is: the command line's --task help).
+_TASKS = {
+    "prmbench": ("prmbench", "the whole benchmark (default)"),
+    "subset400": ("subset400", "the official 394-row quick task (its own validity rate)"),
+    "bon": ("bon", "the official best-of-n task"),
+    "processbench": ("processbench", "ProcessBench (--data: its files or folder)"),
+}
+TASK_NAMES = tuple(_TASKS)
+TASK_HELP = "; ".join(f"{name}: {summary}" for name, (_, summary) in _TASKS.items())
 DEFAULT_TASK = "prmbench"
 
 
@@ -41,6 +47,7 @@ class Task(Protocol):
     name: str
     dataset_type: type  # what load() returns: the data its evaluator accepts
     loaded_by: str  # the call that loads it, for the error a wrong dataset gets
+    leaderboard: bool  # `score --output-dir` places the run among PRMBench's published leaderboard and its report
 
     def load(self, source: Any = None, **options: Any) -> Any:
         """The task's evaluation set from ``source`` (a file, a folder, a hub id; None: the task's default)."""
@@ -48,14 +55,18 @@ class Task(Protocol):
     def evaluate(self, dataset: Any, predictions: Any, **options: Any) -> Any:
         """Score ``predictions`` (official result dicts, ``{id: result}``, or flat step predictions) on ``dataset``."""
 
+    def evaluate_command(self, args: Any) -> int:
+        """``prmbench-fast evaluate --task NAME`` (``args``: its parsed options): print the report, write
+        ``--output`` and the ``--output-dir`` run folder; the exit status."""
+
 
 def get_task(name: str) -> Task:
     """The task registered under ``name``; a ValueError listing the tasks otherwise."""
-    if name not in _MODULES:
+    if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASK_NAMES)}")
-    return importlib.import_module(f"{__name__}.{_MODULES[name]}").TASK
+    return importlib.import_module(f"{__name__}.{_TASKS[name][0]}").TASK
 
 
 task_lookup.register(get_task)
 
-__all__ = ["DEFAULT_TASK", "TASK_NAMES", "Task", "check_task_dataset", "get_task"]
+__all__ = ["DEFAULT_TASK", "TASK_HELP", "TASK_NAMES", "Task", "check_task_dataset", "get_task"]

@@ -409,12 +409,51 @@ class BoNTask:
     name = "bon"
     dataset_type = BoNDataset
     loaded_by = 'load_prmbench(path, task="bon")'
+    leaderboard = False
 
     def load(self, source: Any = None) -> BoNDataset:
         return load_bon(source)
 
     def evaluate(self, dataset: BoNDataset, predictions: Any, *, seed: int = 0) -> BoNReport:
         return evaluate_bon(dataset, predictions, seed=seed)
+
+    def evaluate_command(self, args: Any) -> int:
+        """``prmbench-fast evaluate --task bon``: print the table, write ``--output`` (the report JSON) and
+        ``--output-dir`` (a run folder; its identity holds ``--seed``)."""
+        import contextlib
+
+        from ..io import write_json_atomic
+        from ._commands import (
+            check_outputs,
+            evaluate_store,
+            naming_the_line,
+            print_duplicates,
+            print_unknown_ids,
+            read_result_lines,
+            refuse_only_predicted,
+            write_evaluate_run,
+        )
+
+        check_outputs(args)
+        refuse_only_predicted(args, self.name)
+        dataset = self.load(args.data)
+        lines, predictions = read_result_lines(args.predictions, dataset)
+        with contextlib.ExitStack() as stack:
+            # The run folder is claimed (identity and lock) before the work, and held until its files are written.
+            store = stack.enter_context(evaluate_store(args, dataset, {"seed": args.seed})) if args.output_dir else None
+            with naming_the_line(args.predictions, lines):
+                report = self.evaluate(dataset, predictions, seed=args.seed)
+            print(report.format_table())
+            print(f"\nrandom tie-breaks seeded with {report.seed}")
+            print_unknown_ids(report.diagnostics["unknown_prediction_ids"])
+            print_duplicates(predictions)
+            if args.output:
+                write_json_atomic(args.output, report.to_json())
+                print(f"wrote {args.output}")
+            if store is not None:
+                report.run = {"task": args.task, "data": args.data, "predictions": str(args.predictions)}
+                write_evaluate_run(store, report, predictions)
+        return 0
 
 
 TASK = BoNTask()

@@ -589,6 +589,7 @@ class ProcessBenchTask:
     name = "processbench"
     dataset_type = ProcessBenchDataset
     loaded_by = 'load_prmbench(path, task="processbench")'
+    leaderboard = False
 
     def load(self, source: Any = None) -> ProcessBenchDataset:
         return load_processbench(source)

@@ -55,6 +55,7 @@ class Subset400Task:
     name = "subset400"
     dataset_type = PRMBenchDataset
     loaded_by = 'load_prmbench(task="subset400")'
+    leaderboard = True
 
     def load(self, source: Any = None) -> PRMBenchDataset:
         """``source``: the full PRMBench data (a file, folder or hub id; default as :func:`load_prmbench`)."""
@@ -68,6 +69,12 @@ class Subset400Task:
         if [s.id for s in dataset.samples] != subset_sample_ids():
             raise ValueError("the subset400 task evaluates its own samples: load them with task='subset400'")
         return evaluate(dataset, predictions, validity_denominator="all_samples", **options)
+
+    def evaluate_command(self, args: Any) -> int:
+        """``prmbench-fast evaluate --task subset400``: PRMBench's command on the task's own samples."""
+        from .prmbench import evaluate_command
+
+        return evaluate_command(self, args, restrictable=False)
 
 
 TASK = Subset400Task()
