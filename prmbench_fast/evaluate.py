@@ -141,9 +141,10 @@ def evaluate(
             optional ``validity`` flag (false: an invalid prediction, e.g. an unparseable critic answer).
         validity_threshold, redundancy_threshold: used only for results that carry scores but no labels.
         backend: the counting op's backend: "auto" (compiled op on the tensors' device), "cpu", "cuda" or "torch".
-        task: "prmbench" (the main task), or another task of ``prmbench_fast.tasks`` ("subset400", "bon"), whose
-            own evaluator then scores the predictions (``dataset`` must come from ``load_prmbench(task=...)``);
-            ``task_options`` go to it (e.g. ``seed=`` for "bon").
+        task: "prmbench" (the main task), or another task of ``prmbench_fast.tasks`` ("subset400", "bon",
+            "processbench"), whose own evaluator then scores the predictions (``dataset`` must come from
+            ``load_prmbench(task=...)``) with the options above that it takes (its ``evaluate_options``: the
+            thresholds for "processbench"; none for "bon") and ``task_options`` (e.g. ``seed=`` for "bon").
         validity_denominator: "non_correct" (the main task: samples minus the correct samples' predictions) or
             "all_samples" (the subset400 task's evaluator).
         keep_scores: keep the step scores of result dicts that also carry labels in ``report.step_predictions``
@@ -159,7 +160,11 @@ def evaluate(
     """
     check_predictions_argument(predictions)
     if task != "prmbench":  # another task's evaluator, from the task registry (above this module)
-        return task_lookup.get_task(task).evaluate(dataset, predictions, **task_options)
+        other = task_lookup.get_task(task)
+        given = {"validity_threshold": validity_threshold, "redundancy_threshold": redundancy_threshold,
+                 "backend": backend, "validity_denominator": validity_denominator, "keep_scores": keep_scores}
+        options = {name: value for name, value in given.items() if name in other.evaluate_options}
+        return other.evaluate(dataset, predictions, **options, **task_options)
     if task_options:
         raise TypeError(f"evaluate() got unexpected options {sorted(task_options)}")
     task_lookup.check_task_dataset(task, dataset)

@@ -3,6 +3,7 @@
 they import, lazily inside a function included; they reach it through ``prmbench_fast.task_lookup``."""
 
 import ast
+import json
 import pathlib
 
 import pytest
@@ -95,6 +96,7 @@ def test_every_task_declares_its_wiring():
         task = tasks.get_task(name)
         assert task.name == name and isinstance(task.dataset_type, type) and isinstance(task.leaderboard, bool)
         assert f'task="{name}"' in task.loaded_by
+        assert isinstance(task.evaluate_options, tuple)
         assert all(callable(getattr(task, f)) for f in ("load", "evaluate", "evaluate_command"))
         assert f"{name}: " in tasks.TASK_HELP
 
@@ -104,3 +106,31 @@ def test_the_command_line_leaves_the_tasks_to_the_registry():
     tree = ast.parse((PACKAGE / "cli.py").read_text())
     strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
     assert not strings & {"bon", "subset400"}
+
+
+def scores(sample):
+    """Step k's validity score: 0.95, 0.6, 0.1, 0.95, ... (labels that move between thresholds 0.5 and 0.7)."""
+    return [(0.95, 0.6, 0.1)[k % 3] for k in range(len(sample.steps))]
+
+
+def test_evaluate_passes_a_task_the_options_it_takes(tmp_path, prmbench_jsonl):
+    """evaluate(task=...) hands the thresholds to the task's evaluator (they were dropped: the defaults were used)."""
+    from prmbench_fast.evaluate import evaluate
+    from prmbench_fast.tasks.processbench import evaluate_processbench
+    from prmbench_fast.testing.processbench_data import write_processbench
+
+    write_processbench(prmbench_jsonl, tmp_path, limit_per_class=1)
+    pb = prmbench_fast.load_processbench(tmp_path)
+    results = [{"idx": s.id, "scores": {"step_level_validity_scores": scores(s)}} for s in pb]
+    for threshold in (0.5, 0.7):
+        got = prmbench_fast.evaluate(pb, results, task="processbench", validity_threshold=threshold)
+        expected = evaluate_processbench(pb, results, validity_threshold=threshold)
+        assert got.predictions == expected.predictions
+        assert json.dumps(got.official) == json.dumps(expected.official)  # NaN F1s compare as text
+    assert got.predictions != prmbench_fast.evaluate(pb, results, task="processbench").predictions
+
+    sub = prmbench_fast.load_prmbench(prmbench_jsonl, task="subset400")
+    results = [{"idx": s.id, "scores": {"step_level_validity_scores": scores(s)}} for s in sub]
+    got = prmbench_fast.evaluate(sub, results, task="subset400", validity_threshold=0.7, keep_scores=True)
+    expected = evaluate(sub, results, validity_denominator="all_samples", validity_threshold=0.7)
+    assert got.official == expected.official != evaluate(sub, results, task="subset400").official

@@ -48,6 +48,7 @@ class Task(Protocol):
     dataset_type: type  # what load() returns: the data its evaluator accepts
     loaded_by: str  # the call that loads it, for the error a wrong dataset gets
     leaderboard: bool  # `score --output-dir` places the run among PRMBench's published leaderboard and its report
+    evaluate_options: tuple[str, ...]  # which of evaluate()'s options (thresholds, backend, ...) its evaluator takes
 
     def load(self, source: Any = None, **options: Any) -> Any:
         """The task's evaluation set from ``source`` (a file, a folder, a hub id; None: the task's default)."""

@@ -410,6 +410,7 @@ class BoNTask:
     dataset_type = BoNDataset
     loaded_by = 'load_prmbench(path, task="bon")'
     leaderboard = False
+    evaluate_options = ()
 
     def load(self, source: Any = None) -> BoNDataset:
         return load_bon(source)

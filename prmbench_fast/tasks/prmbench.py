@@ -14,6 +14,7 @@ class PRMBenchTask:
     dataset_type = PRMBenchDataset
     loaded_by = 'load_prmbench(task="prmbench")'
     leaderboard = True
+    evaluate_options = ("validity_threshold", "redundancy_threshold", "backend", "validity_denominator", "keep_scores")
 
     def load(
         self, source: Any = None, *, classes: Iterable[str] | None = None, limit_per_class: int | None = None

@@ -590,6 +590,7 @@ class ProcessBenchTask:
     dataset_type = ProcessBenchDataset
     loaded_by = 'load_prmbench(path, task="processbench")'
     leaderboard = False
+    evaluate_options = ("validity_threshold", "redundancy_threshold")
 
     def load(self, source: Any = None) -> ProcessBenchDataset:
         return load_processbench(source)

@@ -56,6 +56,7 @@ class Subset400Task:
     dataset_type = PRMBenchDataset
     loaded_by = 'load_prmbench(task="subset400")'
     leaderboard = True
+    evaluate_options = ("validity_threshold", "redundancy_threshold", "backend", "keep_scores")
 
     def load(self, source: Any = None) -> PRMBenchDataset:
         """``source``: the full PRMBench data (a file, folder or hub id; default as :func:`load_prmbench`)."""
