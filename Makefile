@@ -50,8 +50,8 @@ test-fast: setup
 # subset of PRMBench (4 problems per class, their variants in every class, and the clean partners).
 # Given ProcessBench files (make demo PROCESSBENCH_DATA=data/processbench, e.g. from make processbench-data; an
 # exported $PROCESSBENCH_DATA counts too), the demo then prints the same model's ProcessBench row on
-# PROCESSBENCH_LIMIT solutions per split, half correct, half erroneous: 6 per split is 24 solutions, ~15k tokens,
-# about 1.5 min on CPU (166 tokens/s measured on 2 shared cores).
+# PROCESSBENCH_LIMIT solutions per split, half correct, half erroneous: 6 per split is 24 solutions, 15k tokens of the
+# test data (make processbench-data): 42 s on 2 CPU cores (429 tokens/s), ~1.5 min while other work shares them.
 PROCESSBENCH_DATA ?=
 PROCESSBENCH_LIMIT ?= 6
 demo: setup
