@@ -77,15 +77,15 @@ class _ProbsTiles:
 _PROBS_TILES_NATIVE = _ProbsTiles(block_s=32, block_v=128, max_block_h=32, num_warps=8, num_stages=3)
 # fp32 dot (fp32 inputs, or two different dtypes): "ieee" precision runs on the FMA units, which take BOTH operand
 # tiles from registers as well, and mixed dtypes convert one of them there; with the native tiles at 4 warps this
-# reached 255 registers and 8-40 bytes of spills. 16 x 64 logits over 256 threads are 4 registers per tile; the 16 x
-# 32 and 32 x 64 operands 10 more as fp32, (512 + 2,048) x 4 B = 10 KiB. No software pipelining (num_stages=1): the
-# FMA dot reads its operands from registers, so stages in flight only stage copies, and with them ptxas spilled 8
-# bytes of a pointer in the prologue at 64 registers: with three stages two fp16 x bf16 launches on sm_90, with two
-# the fp16/bf16 x fp32 launches with K = 2 on sm_80 once V is a multiple of 16 (every real vocabulary). Measured with
-# one stage over every fp32-dot specialisation at V = 1,000 and V % 16 == 0: 64-110 registers on sm_80, 64-80 on
-# sm_90, at most 11,264 B of shared memory, no spills. 16 rows per program read the LM head ceil(S / 16) times, but
-# the row blocks of one vocabulary split run side by side and share it through L2.
-_PROBS_TILES_FP32 = _ProbsTiles(block_s=16, block_v=64, max_block_h=32, num_warps=8, num_stages=1)
+# reached 255 registers and 8-40 bytes of spills. 16 x 32 logits over 256 threads are 2 registers per tile; the
+# 16 x 32 and 32 x 32 operands 6 more as fp32, (512 + 1,024) x 4 B = 6 KiB. No software pipelining (num_stages=1):
+# the FMA dot reads its operands from registers, so stages in flight only stage copies. Wider tiles made ptxas spill
+# 8-16 bytes of a pointer at 64 registers: 16 x 64 with two stages on sm_80 (fp16/bf16 x fp32, 2 ids, V a multiple
+# of 16 as every real vocabulary is) under Triton 3.7, with one stage on sm_90 (mixed 16-bit/fp32 pairs, 1 id) under
+# Triton 3.9. Measured at 16 x 32 over every fp32-dot specialisation at V = 1,000 and V % 16 == 0, with Triton 3.6,
+# 3.7.1 and 3.9: 40-80 registers, at most 7,168 B of shared memory, no spills. 16 rows per program read the LM head
+# ceil(S / 16) times, but the row blocks of one vocabulary split run side by side and share it through L2.
+_PROBS_TILES_FP32 = _ProbsTiles(block_s=16, block_v=32, max_block_h=32, num_warps=8, num_stages=1)
 _PROBS_MIN_BLOCK = 16
 # step_token_probs_reference converts the LM head to fp32 this many rows at a time: 8,192 rows of a 7B model's width
 # (3,584) are 117 MB of fp32, 5 % of the whole head's 2.2 GB, and a few dozen matmuls per call cost nothing next to
