@@ -59,10 +59,12 @@ print(len(dataset), sorted(m for m in ("datasets", "openai", "matplotlib", "gguf
 """
 
 
-def test_the_phases_import_nothing_the_gpu_machine_lacks():
+def test_the_phases_import_nothing_the_gpu_machine_lacks(tmp_path):
+    # From a folder outside the checkout, so that `prmbench_fast` is the installed package (the editable install here,
+    # the wheel under .ci/test-stack), never the bare source tree that `python -c` would put first on sys.path.
     result = subprocess.run(
         [sys.executable, "-c", IMPORT_CHAIN, str(SCRIPT), str(REPO_ROOT / "bench"), str(PRMBENCH_JSONL)],
-        capture_output=True, text=True, cwd=REPO_ROOT,
+        capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["442", "[]"]
