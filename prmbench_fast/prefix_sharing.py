@@ -227,15 +227,8 @@ def _varlen_with_lse(query, key, value, cu_q, cu_k, max_q: int, max_k: int, *, s
     exp(scaled scores)). No sliding window. The call of ``varlen_attention.varlen_kernel``, returning the lse too."""
     from torch.nn.attention.varlen import AuxRequest
 
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    q, k, v, gqa = varlen_attention.flash_layout(query, key, value)
     heads, tokens = q.shape[1], q.shape[0]
-    gqa = {}
-    if heads != k.shape[1]:
-        if varlen_attention.varlen_attn_takes_gqa(varlen_attention.varlen_attn):
-            gqa = {"enable_gqa": True}
-        else:  # as varlen_kernel: each query head gets its own copy of its group's key/value head
-            group = heads // k.shape[1]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out, lse = varlen_attention.varlen_attn(
         q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, window_size=(-1, 0) if is_causal else (-1, -1),
         return_aux=AuxRequest(lse=True), **gqa,

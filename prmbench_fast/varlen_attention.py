@@ -117,6 +117,24 @@ def _segment_sdpa(
     return out
 
 
+def flash_layout(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """(1, heads, tokens, dim) query/key/value -> ``varlen_attn``'s packed (tokens, heads, dim) q, k, v, and the keyword
+    arguments that ask it for grouped-query attention (empty when none is needed or this torch's varlen_attn cannot)."""
+    # The copy makes each token's heads contiguous, as flash attention's packed layout expects (transformers' own
+    # flash path makes the same copy).
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    if q.shape[1] == k.shape[1]:
+        return q, k, v, {}
+    if varlen_attn_takes_gqa(varlen_attn):
+        return q, k, v, {"enable_gqa": True}
+    # torch 2.11's varlen_attn has no GQA: give every query head its own copy of its group's key/value head (query
+    # head h reads key/value head h // group, as enable_gqa does), the same dot products.
+    group = q.shape[1] // k.shape[1]
+    return q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), {}
+
+
 def varlen_kernel(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -142,20 +160,7 @@ def varlen_kernel(
     for cu in (cu_seqlens_q, cu_seqlens_k):
         if cu.dtype != torch.int32 or cu.device != query.device:
             raise ValueError(f"cu_seqlens must be int32 on {query.device}, got {cu.dtype} on {cu.device}")
-    # (1, H, T, D) -> (T, H, D). The copy makes each token's heads contiguous, as flash attention's packed layout
-    # expects (transformers' own flash path makes the same copy).
-    q = query[0].transpose(0, 1).contiguous()
-    k = key[0].transpose(0, 1).contiguous()
-    v = value[0].transpose(0, 1).contiguous()
-    gqa = {}
-    if q.shape[1] != k.shape[1]:
-        if varlen_attn_takes_gqa(varlen_attn):
-            gqa = {"enable_gqa": True}
-        else:
-            # torch 2.11's varlen_attn has no GQA: give every query head its own copy of its group's key/value head
-            # (query head h reads key/value head h // group, as enable_gqa does), the same dot products.
-            group = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q, k, v, gqa = flash_layout(query, key, value)
     if not is_causal:
         window = (-1, -1)
     elif sliding_window is None:
