@@ -12,7 +12,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def cpu_child_env() -> dict[str, str]:
     """The environment of a child running the pipeline on CPU: one thread per process (two ranks share the two
     cores), offline, and the torch backend (Triton's interpreter is for the kernel tests)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # PYTHONFAULTHANDLER: a child killed by a signal prints every thread's Python stack (in the assertion message).
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONFAULTHANDLER="1")
     env.pop("TRITON_INTERPRET", None)
     return env
 
@@ -28,6 +29,25 @@ def run_two_ranks(script: pathlib.Path, *args, timeout: int = 600) -> subprocess
 def write_rank_result(folder, rank: int, result) -> None:
     """What a rank reports back, in a file of its own: the ranks share one stdout, where their lines can interleave."""
     (pathlib.Path(folder) / f"result.rank{rank}.json").write_text(json.dumps(result, sort_keys=True))
+
+
+def leave_group() -> None:
+    """End a torchrun child once its result is written: wait for every rank, destroy the process group, and exit
+    without interpreter finalization.
+
+    A DDP-wrapped model (a Trainer's, Lightning's) keeps a reference to the gloo process group, so the group and its
+    worker threads outlive ``destroy_process_group`` and are torn down during finalization, where a thread that needs
+    the GIL aborts the process ("terminate called without an active exception", SIGABRT: the Trainer child, once in
+    CI; pytorch/pytorch#179291 describes the race). The results are on disk by then, so finalization has
+    nothing left to do that the test reads.
+    """
+    import torch
+
+    torch.distributed.barrier()  # every rank's result is written before any rank tears the group down
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def rank_results(folder) -> list:

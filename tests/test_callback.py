@@ -199,7 +199,7 @@ import json, pathlib, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from prmbench_fast import load_prmbench, score
-from subprocess_testing import write_rank_result
+from subprocess_testing import leave_group, write_rank_result
 from test_callback import SCORE_OPTIONS, logged, make_tokenizer, prmbench_logs, row, train
 from prmbench_fast.testing.tiny_models import tiny_llama
 
@@ -214,8 +214,7 @@ metrics = trainer.evaluate()  # every rank: the evaluation loop and the callback
 rank = trainer.args.process_index
 write_rank_result(sys.argv[3], rank, {"rank": rank, "world": trainer.args.world_size, "history": history,
                                       "final": logged(final.table), "eval": metrics.get("eval_prmbench/Overall")})
-torch.distributed.barrier()  # both results are written before either rank tears the group down
-torch.distributed.destroy_process_group()  # a rank leaving with the group open can abort the other (gloo)
+leave_group()
 """
 
 

@@ -206,7 +206,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from prmbench_fast import load_prmbench
 from prmbench_fast.integrations.lightning import PRMBenchCallback
 from prmbench_fast.testing.tiny_models import tiny_llama
-from subprocess_testing import write_rank_result
+from subprocess_testing import leave_group, write_rank_result
 from test_callback import make_tokenizer
 from test_lightning import SCORE_OPTIONS, PRMModule, Series, loaders
 
@@ -224,6 +224,7 @@ train, val = loaders(tokenizer)
 trainer.fit(module, train, val)
 write_rank_result(sys.argv[3], trainer.global_rank, {"world": trainer.world_size, "series": series.values,
                                                      "best": checkpoint.best_model_path})
+leave_group()
 """
 
 
