@@ -205,6 +205,10 @@ class _Sweep:
         scores = steps.score[swept & (steps.class_id != CLASS_ID[CORRECT])]
         # Candidate thresholds are finite: a threshold between two finite scores labels +-inf as any other.
         self.scores = scores[np.isfinite(scores)]
+        error_ids = [CLASS_ID[c] for c in ERROR_CLASSES]
+        self.fixed_total = self.fixed[error_ids].sum(axis=0)
+        self.correct_total = np.sort(np.concatenate([self.correct[c] for c in error_ids]))
+        self.error_total = np.sort(np.concatenate([self.error[c] for c in error_ids]))
 
     def counts(self, thresholds: np.ndarray) -> np.ndarray:
         """(T, classes, 4) int64 TP, FP, TN, FN with labels = score > threshold."""
@@ -213,6 +217,14 @@ class _Sweep:
             tp, fp = _counts_above(self.correct[c], thresholds), _counts_above(self.error[c], thresholds)
             out[:, c] += np.stack([tp, fp, len(self.error[c]) - fp, len(self.correct[c]) - tp], axis=1)
         return out
+
+    def total_counts(self, thresholds: np.ndarray) -> np.ndarray:
+        """(T, 4) int64: :meth:`counts` summed over the error classes (the Overall's counts), from one sorted array of
+        correct and one of error steps rather than one per class (the sweep over every distinct score of the full
+        benchmark: ~80k thresholds)."""
+        tp, fp = _counts_above(self.correct_total, thresholds), _counts_above(self.error_total, thresholds)
+        swept = np.stack([tp, fp, len(self.error_total) - fp, len(self.correct_total) - tp], axis=1)
+        return self.fixed_total + swept
 
 
 def _table_from_counts(counts: np.ndarray, classes_present) -> dict[str, float | None]:
@@ -276,7 +288,7 @@ def threshold_sweep(steps: _Steps, classes_present, validity_threshold: float | 
     # Every distinct score is a candidate (labels change only there), plus one below them all (every step positive).
     distinct = np.unique(sweep.scores)
     candidates = np.concatenate(([np.nextafter(distinct[0], -np.inf)], distinct))
-    total = sweep.counts(candidates)[:, [CLASS_ID[c] for c in ERROR_CLASSES]].sum(axis=1).astype(np.float64)
+    total = sweep.total_counts(candidates).astype(np.float64)
     f1, nf1 = _f1_arrays(*total.T)
     best = float(candidates[int(np.argmax(0.5 * f1 + 0.5 * nf1))])  # argmax: the lowest of equal thresholds
 
@@ -333,8 +345,12 @@ def bootstrap_intervals(dataset: PRMBenchDataset, report, *, seed: int, replicat
     classes_present = [c for c in ERROR_CLASSES if c in report.official["hallucination_type_results"]["f1"]]
     columns = {}
     if len(per_problem) and replicates > 0:
-        rng = np.random.default_rng(seed)
-        weights = rng.multinomial(len(per_problem), np.full(len(per_problem), 1.0 / len(per_problem)), size=replicates)
+        # Each replicate draws len(per_problem) problems uniformly with replacement; a problem's weight is how often
+        # it was drawn (a multinomial, counted with one bincount: ~4x faster than numpy's multinomial at 6k problems).
+        n = len(per_problem)
+        draws = np.random.default_rng(seed).integers(0, n, size=(replicates, n))
+        draws += np.arange(replicates)[:, None] * n
+        weights = np.bincount(draws.ravel(), minlength=replicates * n).reshape(replicates, n)
         # Integer counts below 2**53: the float64 product is exact.
         resampled = (weights.astype(np.float64) @ per_problem.reshape(len(per_problem), -1).astype(np.float64))
         tables = _tables_from_counts(resampled.reshape(replicates, len(ALL_CLASSES), 4), classes_present)
