@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -186,23 +186,32 @@ def pack_batches(samples: Sequence[TokenizedSample], *, max_length: int, batch_t
         fit in memory fails at once), ties kept in input order; batches are filled greedily in that order. The result
         depends only on the inputs.
     """
+    return list(pack_stream([samples], max_length=max_length, batch_tokens=batch_tokens))
+
+
+def pack_stream(
+    chunks: Iterable[Sequence[TokenizedSample]], *, max_length: int, batch_tokens: int
+) -> Iterator[PackedBatch]:
+    """:func:`pack_batches` for samples that arrive in chunks (e.g. tokenized by a producer thread while the first
+    batches run): each chunk is sorted as :func:`pack_batches` sorts, and the greedy fill runs on across chunks: a
+    batch is yielded as soon as the next sample does not fit, and a chunk boundary never closes one. One chunk gives
+    exactly :func:`pack_batches`'s batches; chunks in decreasing order of their samples' lengths give nearly its order.
+    """
     if max_length < 1 or batch_tokens < 1:
         raise ValueError(f"max_length and batch_tokens must be >= 1, got {max_length} and {batch_tokens}")
-    truncated = [_truncate(s, max_length) for s in samples]
-    # sorted() is stable, so equal lengths keep input order.
-    truncated = sorted(truncated, key=lambda s: -s.ids.size)
-    batches: list[PackedBatch] = []
     group: list[_Truncated] = []
     group_tokens = 0
-    for sample in truncated:
-        if group and group_tokens + sample.ids.size > batch_tokens:
-            batches.append(_build(group))
-            group, group_tokens = [], 0
-        group.append(sample)
-        group_tokens += sample.ids.size
+    for chunk in chunks:
+        truncated = [_truncate(s, max_length) for s in chunk]
+        # sorted() is stable, so equal lengths keep input order.
+        for sample in sorted(truncated, key=lambda s: -s.ids.size):
+            if group and group_tokens + sample.ids.size > batch_tokens:
+                yield _build(group)
+                group, group_tokens = [], 0
+            group.append(sample)
+            group_tokens += sample.ids.size
     if group:
-        batches.append(_build(group))
-    return batches
+        yield _build(group)
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from transformers import (
 
 from flash_reference import flash_varlen_reference, flash_varlen_reference_without_gqa
 from prmbench_fast import varlen_attention
-from prmbench_fast.packing import PackedBatch, TokenizedSample, backbone_hidden_states, pack_batches
+from prmbench_fast.packing import PackedBatch, TokenizedSample, backbone_hidden_states, pack_batches, pack_stream
 
 VOCAB = 97
 
@@ -89,6 +89,34 @@ def test_collator_greedy_fill_and_stable_order():
         for field in dataclasses.fields(PackedBatch):
             x, y = getattr(a, field.name), getattr(b, field.name)
             assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def test_streamed_packing_sorts_each_chunk_and_fills_across_chunks():
+    lengths = [[3, 5, 3], [2, 5, 1]]
+    chunks = [[TokenizedSample(input_ids=[7] * n, reward_pos=[n - 1], key=f"c{c}s{i}") for i, n in enumerate(chunk)]
+              for c, chunk in enumerate(lengths)]
+    batches = list(pack_stream(chunks, max_length=100, batch_tokens=8))
+    # Chunk 0 sorted (5, 3, 3): 5 + 3 fill the first batch; the batch left open at the chunk's end (3) is filled by
+    # chunk 1's longest (5) rather than closed by the chunk boundary; chunk 1's 2 and 1 follow.
+    assert [b.sample_keys for b in batches] == [("c0s1", "c0s0"), ("c0s2", "c1s1"), ("c1s0", "c1s2")]
+    # One chunk is pack_batches.
+    samples = _random_samples(50, seed=3)
+    streamed = list(pack_stream([samples], max_length=30, batch_tokens=100))
+    assert [b.sample_keys for b in streamed] == [b.sample_keys for b in pack_batches(samples, max_length=30,
+                                                                                      batch_tokens=100)]
+
+
+def test_streamed_packing_yields_a_batch_before_the_next_chunk_is_read():
+    read = []
+
+    def chunks():
+        for c in range(3):
+            read.append(c)
+            yield [TokenizedSample(input_ids=[1] * 4, reward_pos=[0], key=(c, i)) for i in range(2)]
+
+    batches = pack_stream(chunks(), max_length=10, batch_tokens=4)
+    assert next(batches).sample_keys == ((0, 0),) and read == [0]
+    assert [b.sample_keys for b in batches] == [((0, 1),), ((1, 0),), ((1, 1),), ((2, 0),), ((2, 1),)]
 
 
 def test_collator_accepts_tensors_and_empty_input():
