@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save
 from .data import PRMBenchDataset
 from .families import Encoded, Family
 from .io import FileError, FileWarning, FileWriteError, check_output_dir, write_bytes_atomic
-from .packing import PackedBatch, TokenizedSample, pack_batches
+from .packing import PackedBatch, TokenizedSample, pack_stream
 
 _ENCODED: dict[str, dict[str, Encoded]] = {}
 #: cache file -> the sample ids it holds, as this process last read or wrote it.
@@ -126,6 +126,13 @@ def encode_chunks(
         _ON_DISK[str(path)] = set(memory)
 
 
+#: Samples tokenized per chunk when batches are streamed, at most: large enough for a fast tokenizer's batch call to
+#: pay and for a problem's variants to share their texts' tokenization. The first forward waits for the first chunk,
+#: so the chunks start at an eighth of this (32 of PRMBench's longest samples, ~60k tokens: about 4 batches of 16k
+#: tokens) and double up to it.
+STREAM_CHUNK_SAMPLES = 256
+
+
 def packed_batches(
     family: Family,
     dataset: PRMBenchDataset,
@@ -135,18 +142,68 @@ def packed_batches(
     batch_tokens: int,
     cache_dir: str | os.PathLike | None = None,
 ) -> list[PackedBatch]:
-    """Packed batches of the samples at ``positions`` (batch keys are dataset positions), cached in memory."""
+    """Packed batches of the samples at ``positions`` (batch keys are dataset positions), cached in memory: the
+    batches of :func:`streamed_batches`, all at once."""
+    return list(streamed_batches(family, dataset, positions, max_length=max_length, batch_tokens=batch_tokens,
+                                 cache_dir=cache_dir))
+
+
+def streamed_batches(
+    family: Family,
+    dataset: PRMBenchDataset,
+    positions: Sequence[int],
+    *,
+    max_length: int,
+    batch_tokens: int,
+    cache_dir: str | os.PathLike | None = None,
+    chunk_samples: int = STREAM_CHUNK_SAMPLES,
+) -> Iterator[PackedBatch]:
+    """Packed batches of the samples at ``positions``, each yielded as soon as it is formed (batch keys are dataset
+    positions), so that the first forward passes run while the rest is tokenized.
+
+    The samples are tokenized a chunk at a time, longest first by their text length (known before tokenizing), and
+    packed with :func:`~prmbench_fast.packing.pack_stream`: batches come longest first, as
+    :func:`~prmbench_fast.packing.pack_batches` orders them, within the few samples whose token and character counts
+    disagree. A problem's variants stay in one chunk, so the texts they share are tokenized once. Once every batch is
+    formed the list is kept in memory (:data:`PACKED_CACHE_SIZE` lists), and a later call yields it at once.
+    """
     key = (family.cache_key(), tuple(dataset.samples[p].id for p in positions), max_length, batch_tokens)
     if key in _PACKED:
         _PACKED.move_to_end(key)
-        return _PACKED[key]
-    encoded = encode_dataset(family, dataset, positions, cache_dir=cache_dir)
-    batches = pack_batches(
-        [TokenizedSample(e.input_ids, e.reward_pos, key=p) for p, e in zip(positions, encoded)],
-        max_length=max_length,
-        batch_tokens=batch_tokens,
-    )
+        yield from _PACKED[key]
+        return
+    chunks = _chunks_longest_first(dataset, positions, chunk_samples)
+    # Driven by encode_chunks (it comes first in the zip): it writes the cache file after its last chunk.
+    samples = ([TokenizedSample(e.input_ids, e.reward_pos, key=p) for p, e in zip(chunk, encoded)]
+               for encoded, chunk in zip(encode_chunks(family, dataset, chunks, cache_dir=cache_dir), chunks))
+    batches = []
+    for batch in pack_stream(samples, max_length=max_length, batch_tokens=batch_tokens):
+        batches.append(batch)
+        yield batch
     _PACKED[key] = batches
     while len(_PACKED) > PACKED_CACHE_SIZE:
         _PACKED.popitem(last=False)
-    return batches
+
+
+def _chunks_longest_first(dataset: PRMBenchDataset, positions: Sequence[int], chunk_samples: int) -> list[list[int]]:
+    """``positions`` in chunks of whole problems (the samples of one source problem), the problems ordered by their
+    longest sample's characters, longest first (ties in data order); the chunks grow from ``chunk_samples // 8``
+    samples to ``chunk_samples`` (:data:`STREAM_CHUNK_SAMPLES`)."""
+    problems: dict[str, list[int]] = {}
+    for position in positions:
+        problems.setdefault(dataset.samples[position].source_idx, []).append(position)
+
+    def characters(position: int) -> int:
+        sample = dataset.samples[position]
+        return len(sample.question) + sum(map(len, sample.steps))
+
+    ordered = sorted(problems.values(), key=lambda members: -max(map(characters, members)))
+    chunks: list[list[int]] = []
+    size = max(chunk_samples // 8, 1)
+    for members in ordered:
+        if not chunks or len(chunks[-1]) >= size:
+            if chunks:
+                size = min(2 * size, chunk_samples)
+            chunks.append([])
+        chunks[-1].extend(members)
+    return chunks

@@ -1,5 +1,6 @@
-"""The prefix-sharing path's producer: lists of whole problem groups formed while later chunks tokenize, equal to the
-lists tokenizing everything first gives; the tokenization cache file written once, after the last chunk."""
+"""The producers of score()'s two paths, formed while later chunks tokenize: prefix sharing's lists of whole problem
+groups, equal to the lists tokenizing everything first gives, and the packed batches of the unshared path, longest
+first; the tokenization cache file written once, after the last chunk."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from prmbench_fast import scoring, token_cache
 from prmbench_fast.data import load_prmbench
 from prmbench_fast.families import family_class
+from prmbench_fast.packing import TokenizedSample, pack_batches
 from prmbench_fast.testing.tiny_models import train_tokenizer
 
 
@@ -126,3 +128,67 @@ def test_a_list_filled_exactly_to_batch_tokens_keeps_the_group(dataset, family):
     streamed = [[s.key for s in unit] for unit in scoring._shared_units(
         family, dataset, todo, max_length=max_length, batch_tokens=exact, cache_dir=None, chunk_samples=3)]
     assert streamed[0] == [position for unit in first_two for position, _, _ in unit]
+
+
+def _batch_keys(batches):
+    return [batch.sample_keys for batch in batches]
+
+
+def test_streamed_batches_hold_every_sample_once_longest_first(dataset, family):
+    todo = list(range(len(dataset)))
+    random.Random(1).shuffle(todo)
+    max_length, batch_tokens = 300, 700
+    token_cache._ENCODED.clear()
+    token_cache._PACKED.clear()
+    batches = list(token_cache.streamed_batches(family, dataset, todo, max_length=max_length,
+                                                batch_tokens=batch_tokens, chunk_samples=8))
+    assert sorted(k for keys in _batch_keys(batches) for k in keys) == sorted(todo)
+    for batch in batches:
+        assert batch.num_tokens <= batch_tokens or len(batch.sample_keys) == 1
+        for key, start, end in zip(batch.sample_keys, batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist()):
+            assert batch.input_ids[start:end].tolist() == family.encode(dataset.samples[key]).input_ids[:max_length]
+    # The chunks come longest first by characters: the first batch holds the longest sample (after truncation).
+    longest = max(min(len(family.encode(dataset.samples[p]).input_ids), max_length) for p in todo)
+    assert batches[0].max_seqlen == longest
+    # With every sample in one chunk, the batches are pack_batches' of the samples in that chunk's order.
+    token_cache._PACKED.clear()
+    (chunk,) = token_cache._chunks_longest_first(dataset, todo, 8 * len(todo))
+    one_chunk = token_cache.streamed_batches(family, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
+                                             chunk_samples=8 * len(todo))
+    reference = pack_batches([TokenizedSample(family.encode(dataset.samples[p]).input_ids,
+                                              family.encode(dataset.samples[p]).reward_pos, key=p) for p in chunk],
+                             max_length=max_length, batch_tokens=batch_tokens)
+    assert _batch_keys(one_chunk) == _batch_keys(reference)
+
+
+def test_streamed_batches_first_batch_before_the_rest_is_tokenized_then_cached(dataset, family, monkeypatch):
+    encoded = []
+    original = type(family).encode_many
+    monkeypatch.setattr(type(family), "encode_many", lambda self, samples: encoded.append(len(samples)) or
+                        original(self, samples))
+    token_cache._ENCODED.clear()
+    token_cache._PACKED.clear()
+    options = dict(max_length=2048, batch_tokens=200, chunk_samples=8)
+    batches = token_cache.streamed_batches(family, dataset, range(len(dataset)), **options)
+    first = next(batches)
+    assert len(encoded) == 1 and encoded[0] < len(dataset)  # one chunk tokenized for the first batch
+    rest = list(batches)
+    assert sum(encoded) == len(dataset)
+    # A later call (e.g. the next evaluation in a training loop) gets the same batches without tokenizing.
+    encoded.clear()
+    again = list(token_cache.streamed_batches(family, dataset, range(len(dataset)), **options))
+    assert encoded == [] and _batch_keys(again) == _batch_keys([first, *rest])
+
+
+def test_chunks_keep_a_problem_together_and_grow_to_chunk_samples(dataset):
+    chunks = token_cache._chunks_longest_first(dataset, range(len(dataset)), 16)
+    problem_chunk = {}
+    for c, chunk in enumerate(chunks):
+        for p in chunk:
+            assert problem_chunk.setdefault(dataset.samples[p].source_idx, c) == c
+    # The sizes start at 16 // 8 = 2 and double up to 16; a chunk closes once it holds at least its size.
+    sizes = [2, 4, 8] + [16] * len(chunks)
+    assert all(len(chunk) >= size for chunk, size in zip(chunks[:-1], sizes))
+    characters = [max(len(dataset.samples[p].question) + sum(map(len, dataset.samples[p].steps)) for p in chunk)
+                  for chunk in chunks]
+    assert characters == sorted(characters, reverse=True)
