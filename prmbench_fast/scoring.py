@@ -26,7 +26,7 @@ from .distributed import gather_predictions, rank_and_world
 from .evaluate import Report, evaluate_steps
 from .families import Family, detect_family, family_class, precision
 from .fingerprint import weights_fingerprint
-from .live_model import unwrap_model, whole_parameters
+from .live_model import PREFIX_SHARING_REFUSAL, forward_dtype, shards_layers, sharded_scoring, unwrap_model
 from .io import check_checkpoint_files, looks_like_hub_id
 from .models import check_device, check_model_folder
 from .packing import PackedBatch, TokenizedSample, backbone_hidden_states
@@ -34,7 +34,7 @@ from .predictions import StepPredictions, parse_results
 from .prefix_sharing import prefix_sharing_unsupported, shared_step_hidden
 from .results_store import ResultsStore, ResultsWriter
 from .tasks import check_task_dataset, get_task
-from .token_cache import encode_chunks, packed_batches
+from .token_cache import encode_chunks, streamed_batches
 
 def _model_name(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
@@ -159,15 +159,14 @@ def _in_background(items: Iterable, depth: int = 2) -> Iterator:
 
 
 class _Progress:
-    """Tokens/s and ETA on stderr (rank 0 only)."""
+    """Tokens scored and tokens/s on stderr (rank 0 only). No total: the batches are formed while the forwards run."""
 
-    def __init__(self, total_tokens: int | None, enabled: bool):
-        """``total_tokens``: None while unknown (the bar then counts without an ETA)."""
+    def __init__(self, enabled: bool):
         self.bar = None
-        if enabled and total_tokens != 0:
+        if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="prmbench", dynamic_ncols=True)
+            self.bar = tqdm(unit="tok", unit_scale=True, desc="prmbench", dynamic_ncols=True)
 
     def update(self, tokens: int) -> None:
         if self.bar is not None:
@@ -280,10 +279,10 @@ def score(
     rank, world = rank_and_world()
     device = next(model.parameters()).device
 
-    # FSDP2: every rank holds whole weights for the whole call (the fingerprint and the heads read them); the run
+    # FSDP2: set up for layer-by-layer unsharding (live_model.sharded_scoring) and put back afterwards; the run
     # folder's lock is released however the call ends.
     with contextlib.ExitStack() as stack:
-        stack.enter_context(whole_parameters(model))
+        sharded = stack.enter_context(sharded_scoring(model))
         store = None
         resumed = StepPredictions.empty(device)
         finished: dict[str, Any] = {}
@@ -297,22 +296,27 @@ def score(
                 cache_dir = store.dir / "cache"  # a resumed run does not tokenize again
         todo = [i for i, s in enumerate(dataset.samples) if s.id not in finished][rank::world]
         share, sharing_note = _share_prefixes(model, fam, share_prefixes)
-        if share:
-            # Tokenized by a producer thread while the forwards run; the total is known when the last unit is formed.
-            units = stack.enter_context(contextlib.closing(_in_background(_shared_units(
-                fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens, cache_dir=cache_dir))))
-            tokens = None
+        # The units (problem groups with prefix sharing, packed batches without) are tokenized and formed by a
+        # producer thread while the forwards run, so the first forward waits for one chunk of samples only; the total
+        # is known when the last unit is formed. FSDP2 layer sharding needs this rank's batch count before the first
+        # forward (sharded.forwards): its batches are all formed first.
+        formed = (_shared_units(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
+                                cache_dir=cache_dir) if share
+                  else streamed_batches(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
+                                        cache_dir=cache_dir))
+        if sharded.layers and not share:
+            units = list(formed)
         else:
-            # Length-sorted across all samples: batches exist only once every sample is tokenized.
-            units = packed_batches(fam, dataset, todo, max_length=max_length, batch_tokens=batch_tokens,
-                                   cache_dir=cache_dir)
-            tokens = sum(b.num_tokens for b in units)
-        run = _Run(fam, dataset, store, tokens, progress=progress and rank == 0)
+            units = stack.enter_context(contextlib.closing(_in_background(formed)))
+        run = _Run(fam, dataset, store, progress=progress and rank == 0 and bool(todo))
         stack.callback(run.stop)  # also when a batch fails: the batches already scored are still written
-        with _inference(model):
+        # FSDP2's layer groups all-gather inside each backbone forward, a collective: a rank with fewer batches runs
+        # padding forwards until it has run as many as the busiest rank.
+        with sharded.forwards(len(units) if isinstance(units, list) else None) as padding, _inference(model):
             for unit in (units if share else _on_device(units, device)):
                 run.batch(model, unit, share=share, device=device, max_length=max_length, batch_tokens=batch_tokens,
                           backend=backend)
+            sharded.pad(padding, device)
         run.finish(device)
         tokens = run.tokens
 
@@ -371,13 +375,22 @@ def _check_vocabulary(model: torch.nn.Module, tokenizer: Any) -> None:
 
 
 def _share_prefixes(model: torch.nn.Module, fam: Family, requested: bool | None) -> tuple[bool, str | None]:
-    """(whether to share prefixes, why not when the default turned it off for the family's precision)."""
+    """(whether to share prefixes, why not when the default turned it off for the family's precision or for FSDP2
+    layer sharding).
+
+    Raises ValueError for ``requested`` True on a model whose layers FSDP2 shards (``PREFIX_SHARING_REFUSAL``)."""
+    layers_sharded = shards_layers(model)
+    if requested and layers_sharded:
+        raise ValueError(PREFIX_SHARING_REFUSAL)
     if requested is not None:
         return requested, None
     note = precision.prefix_sharing_note(fam)
     if note is not None:
         warnings.warn(note, stacklevel=3)
         return False, note
+    if layers_sharded:
+        # Off without a warning: the scores are the same either way, only the speed differs.
+        return False, "prefix sharing is off: FSDP2 shards the decoder layers (every rank must run as many forwards)"
     return prefix_sharing_unsupported(model) is None, None
 
 
@@ -385,7 +398,7 @@ class _Run:
     """The forward passes of one score() call: each batch's step predictions on the device, its result lines in the
     run folder (the one host copy), progress and throughput figures."""
 
-    def __init__(self, fam: Family, dataset, store: ResultsStore | None, tokens: int | None, *, progress: bool):
+    def __init__(self, fam: Family, dataset, store: ResultsStore | None, *, progress: bool):
         self.fam = fam
         self.tokens = 0  # tokens of the batches run (after truncation)
         self.writer = ResultsWriter(store) if store is not None else None
@@ -393,7 +406,7 @@ class _Run:
         self.parts: list[StepPredictions] = []
         self.tokens_computed = 0
         self.dropped: list[int] = []  # rewards lost to truncation, per sample
-        self.bar = _Progress(tokens, progress)
+        self.bar = _Progress(progress)
         self.start = time.perf_counter()
         self.seconds = 0.0
 
@@ -498,11 +511,10 @@ def _on_device(units: Iterable[PackedBatch], device: torch.device) -> Iterator[t
 
 def _run_identity(model: torch.nn.Module, fam: Family, dataset: PRMBenchDataset, max_length: int) -> dict[str, Any]:
     """What a run's results depend on (``ResultsStore``): a folder whose identity differs is never resumed."""
-    parameter = next(model.parameters())
     return {
         "model": _model_name(model),
-        "weights": weights_fingerprint(model),
-        "dtype": str(parameter.dtype),
+        "weights": weights_fingerprint(model),  # under FSDP2 the same on every rank (a collective; see its doc)
+        "dtype": str(forward_dtype(model)),
         "family": fam.name,
         "family_options": {k: repr(v) for k, v in sorted(fam.options.items())},
         "tokens": fam.cache_key(),  # family, options and tokenizer: the token ids a sample becomes
@@ -514,9 +526,28 @@ def _run_identity(model: torch.nn.Module, fam: Family, dataset: PRMBenchDataset,
 
 
 def _open_store(output_dir, identity: dict[str, Any], rank: int, world: int, overwrite: bool) -> ResultsStore:
-    """The rank's results store; under torch.distributed rank 0 checks (or overwrites) the folder first."""
+    """The rank's results store; under torch.distributed rank 0 checks (or overwrites) the folder first, then the
+    other ranks open theirs.
+
+    A rank that cannot open its store raises its error; the other ranks then raise a RuntimeError naming it, rather
+    than go on alone and wait forever in the next collective."""
     if world == 1:
         return ResultsStore(output_dir, identity, overwrite=overwrite)
-    store = ResultsStore(output_dir, identity, rank=0, overwrite=overwrite) if rank == 0 else None
-    torch.distributed.barrier()
-    return store or ResultsStore(output_dir, identity, rank=rank)
+    store = None
+    for turn_of_rank_0 in (True, False):
+        error = None
+        if (rank == 0) == turn_of_rank_0:
+            try:
+                store = ResultsStore(output_dir, identity, rank=rank, overwrite=overwrite and rank == 0)
+            except Exception as err:  # noqa: BLE001 raised below, once every rank knows
+                error = err
+        failures: list = [None] * world
+        torch.distributed.all_gather_object(failures, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, failure) for r, failure in enumerate(failures) if failure is not None]
+        if failed:
+            if store is not None:
+                store.close()
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank {failed[0][0]} cannot use the run folder {output_dir}: {failed[0][1]}")
+    return store

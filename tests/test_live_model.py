@@ -1,5 +1,6 @@
 """score() on wrapped live models: FSDP2 (``fully_shard``) scores exactly like the unsharded model on 2 gloo CPU ranks
-(with or without a run folder) and leaves training untouched; FSDP1 is refused with a clear error."""
+(with or without a run folder), every rank running as many backbone forwards, and leaves training untouched; FSDP1 is
+refused with a clear error."""
 
 from conftest import PRMBENCH_JSONL, REPO_ROOT
 from subprocess_testing import rank_results, run_two_ranks
@@ -62,20 +63,25 @@ scored, scored_opt = sharded()
 untouched, untouched_opt = sharded()
 before_training = score(scored, data, **OPTIONS)  # before any forward through FSDP2's root
 
-forwards = []
-scored.model.register_forward_hook(lambda *args: forwards.append(1))
 losses = [train_step(scored, scored_opt, 0)]
 step_weights = full_state(scored)
+real_forwards = []  # per backbone forward from here on: whether it ran a batch (padding runs one token)
+scored.model.register_forward_hook(  # score() passes input_ids by keyword, training positionally
+    lambda module, args, kwargs, output: real_forwards.append((args or (kwargs["input_ids"],))[0].numel() > 1),
+    with_kwargs=True)
 after_step = score(scored, data, **OPTIONS)
-forwards_per_rank = [None, None]
-dist.all_gather_object(forwards_per_rank, len(forwards) - 1)  # the training forward is not a scoring one
-# With a run folder: its identity (the weights fingerprint) must be the whole model's on every rank, not each rank's
-# shard, or the ranks would disagree about the folder.
+forwards_per_rank = [[None, None]]
+dist.all_gather_object(forwards_per_rank[0], [sum(real_forwards), len(real_forwards)])
+# With a run folder: its identity (the weights fingerprint, read from each rank's shards) must be one for every rank,
+# or the ranks would disagree about the folder.
 in_folder = score(scored, data, output_dir=sys.argv[3], **OPTIONS)
 losses.append(train_step(scored, scored_opt, 1))
-# One sample: rank 1 runs no forward at all. FSDP2 must not keep rank 0's scoring forwards in the order it prefetches
-# by in backward, or the next backward's all-gathers no longer pair up across ranks.
+# One sample: rank 1 has no batch and runs a padding forward. FSDP2 must not keep the scoring forwards in the order it
+# prefetches by in backward, or the next backward's all-gathers no longer pair up across ranks.
+del real_forwards[:]
 score(scored, data.restrict_to([next(s.id for s in data if s.classification == "correct")]), **OPTIONS)
+forwards_per_rank.append([None, None])
+dist.all_gather_object(forwards_per_rank[1], [sum(real_forwards), len(real_forwards)])
 losses.append(train_step(scored, scored_opt, 2))
 untouched_losses = [train_step(untouched, untouched_opt, step) for step in range(3)]
 
@@ -130,8 +136,11 @@ def test_fsdp2_on_two_gloo_ranks_scores_like_the_unsharded_model_and_leaves_trai
         assert result["before_training"] == result["single"]
         assert result["after_step"] == result["plain_after_step"] == result["in_folder"]
         assert result["after_step"] != result["single"], "the training step should change the report"
-        # The ranks ran different numbers of forward passes, which FSDP2's own per-layer all-gathers could not do.
-        assert len(set(result["forwards_per_rank"])) == 2
+        # Every rank ran as many backbone forwards, so that FSDP2's per-layer all-gathers paired up; scoring one
+        # sample, rank 1 had no batch and ran one padding forward: [batches, forwards] per rank.
+        full_data, one_sample = result["forwards_per_rank"]
+        assert len({forwards for _, forwards in full_data}) == 1
+        assert one_sample == [[1, 1], [0, 1]]
         # Scoring between steps changed nothing in training: same losses, bit-identical weights, sharded again.
         losses, untouched_losses = result["losses"]
         assert losses == untouched_losses
