@@ -1,4 +1,5 @@
-"""The host work around the forward passes: batched tokenization and the results writer thread."""
+"""The host work around the forward passes: batched tokenization (straight from the Rust backend where that is the
+same call) and the results writer thread."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from prmbench_fast.data import load_prmbench
 from prmbench_fast.families import FAMILY_NAMES, family_class
+from prmbench_fast.families.base import batch_token_ids
 from prmbench_fast.results_store import ResultsStore, ResultsWriter
 from prmbench_fast.testing.tiny_models import train_tokenizer
 
@@ -80,6 +82,48 @@ def test_encode_many_tokenizes_each_shared_text_once(family, samples, tokenizer)
     # One call for all texts, each text once: variants share questions and steps, so fewer texts than pieces.
     assert counting.calls == [len(texts)]
     assert len(texts) < sum(1 + len(s.steps) for s in samples)
+
+
+def _texts(samples):
+    return [s.question for s in samples] + [step for s in samples for step in s.steps]
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_backend_token_ids_equal_the_tokenizer_call(samples, tokenizer, monkeypatch, special):
+    texts = _texts(samples) + ["<s> a special token inside", ""]
+    expected = tokenizer(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]
+    # Straight from the backend: transformers' encoding path is not run.
+    monkeypatch.setattr(type(tokenizer), "_encode_plus", lambda *args, **kwargs: pytest.fail("went through __call__"))
+    assert batch_token_ids(tokenizer, texts, special) == expected
+
+
+def _copy(tokenizer, cls=None):
+    """A tokenizer of ``cls`` (default: the same class) on a copy of ``tokenizer``'s backend, which it may change."""
+    from tokenizers import Tokenizer
+
+    return (cls or type(tokenizer))(tokenizer_object=Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
+
+
+def test_backend_path_only_where_it_is_the_same_call(samples, tokenizer):
+    texts = _texts(samples)[:20]
+    expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    class OwnEncoding(type(tokenizer)):
+        calls = 0
+
+        def _encode_plus(self, *args, **kwargs):
+            OwnEncoding.calls += 1
+            return super()._encode_plus(*args, **kwargs)
+
+    # A subclass with its own encoding goes through it.
+    assert batch_token_ids(_copy(tokenizer, OwnEncoding), texts, False) == expected and OwnEncoding.calls == 1
+    # A backend left truncating: __call__ clears the truncation first, so the backend alone would cut every text.
+    truncating = _copy(tokenizer)
+    truncating.backend_tokenizer.enable_truncation(3)
+    assert batch_token_ids(truncating, texts, False) == expected
+    # Not a transformers tokenizer (here a wrapper): its __call__, once.
+    counting = _CountingTokenizer(tokenizer)
+    assert batch_token_ids(counting, texts, False) == expected and counting.calls == [len(texts)]
 
 
 def _store(tmp_path):
