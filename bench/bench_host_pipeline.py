@@ -36,13 +36,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import environment_line  # noqa: E402
 
 import prmbench_fast  # noqa: E402
-from prmbench_fast import results_store, scoring, token_cache  # noqa: E402
+from prmbench_fast import analysis, results_store, scoring, token_cache  # noqa: E402
 from prmbench_fast.families import Family  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "prmbench" / "prmbench_preview.jsonl"
 TOKENIZER = pathlib.Path.home() / ".cache" / "prmbench_fast" / "SmolLM2-135M-Instruct"
-#: Targets of issue #20 for a 1.5B PRM on an H100 (wall time / simulated forward time).
-TARGETS = {"cold": 1.05, "warm": 1.02, "output_dir": 1.03}
+#: Targets of issue #20 for a 1.5B PRM on an H100: wall time / simulated forward time of the cold and warm calls, and
+#: what output_dir adds to the warm call's ratio.
+TARGETS = {"cold": 1.05, "warm": 1.02}
+OUTPUT_DIR_ADDS = 0.01
 
 
 class SimulatedDevice:
@@ -142,12 +144,13 @@ class Timers:
 def one_call(model, tokenizer, dataset, sim: SimulatedDevice, *, output_dir=None, batch_tokens: int, share: bool):
     timers = Timers()
     with contextlib.ExitStack() as stack:
-        # With prefix sharing, a producer thread tokenizes while the forwards run: its seconds overlap them.
+        # A producer thread tokenizes and packs while the forwards run: these seconds overlap them, except those
+        # "before first forward".
         timers.wrap(stack, Family, "encode_many", "tokenize")
-        timers.wrap(stack, token_cache, "pack_batches", "pack")
         timers.wrap(stack, token_cache, "_save_disk", "tokenization cache file")
         timers.wrap(stack, scoring, "weights_fingerprint", "weights fingerprint")
         timers.wrap(stack, scoring, "evaluate_steps", "evaluate")
+        timers.wrap(stack, analysis, "analyze", "analyses")
         timers.wrap(stack, results_store.ResultsStore, "write_report", "report")
         timers.wrap(stack, results_store.ResultsStore, "append", "result lines (writer thread)")
         # The results file's device-to-host copy completes when the simulated queue reaches it.
@@ -207,11 +210,14 @@ def main() -> None:
           f"{args.params / 1e9:g}B model at {args.tflops:g} TFLOP/s, batch_tokens {args.batch_tokens}, "
           f"prefix sharing {'on' if args.share_prefixes else 'off'}\n")
     print(f"{'call':<12}{'wall s':>9}{'forward s':>11}{'ratio':>8}{'target':>8}  met")
+    targets = dict(TARGETS, output_dir=rows["warm"]["ratio"] + OUTPUT_DIR_ADDS) if args.params == 1.5e9 else {}
     for name, row in rows.items():
-        target = TARGETS[name] if args.params == 1.5e9 else None
+        target = targets.get(name)
         met = "" if target is None else ("yes" if row["ratio"] <= target else "NO")
-        shown = "" if target is None else f"{target:.2f}"
+        shown = "" if target is None else f"{target:.3f}"
         print(f"{name:<12}{row['wall']:>9.2f}{row['forward']:>11.2f}{row['ratio']:>8.3f}{shown:>8}  {met}")
+    added = rows["output_dir"]["ratio"] - rows["warm"]["ratio"]
+    print(f"output_dir adds {100 * added:.2f}% of the forward time to the warm call (target <= {100 * OUTPUT_DIR_ADDS:g}%)")
     print("\nwhere the host time went (s; the writer thread's and the rest overlap the forwards):")
     for name, row in rows.items():
         parts = {k: v for k, v in row.items() if k not in ("wall", "forward", "ratio") and v >= 0.0005}
