@@ -82,6 +82,8 @@ def _check_score_args(args: argparse.Namespace) -> None:
 
     if args.critic:
         _check_critic_args(args)
+    elif args.pooling_api:
+        _check_pooling_api_args(args)
     else:
         _check_prm_args(args)
     if args.limit_per_split is not None and args.task != "processbench":
@@ -100,7 +102,7 @@ def _check_score_args(args: argparse.Namespace) -> None:
 #: Options of a PRM run (a checkpoint scored locally) and of a critic run (an endpoint asked), by their attribute;
 #: given to the other kind of run they would be silently ignored, so they are refused.
 PRM_OPTIONS = ("model", "family", "max_length", "batch_tokens", "dtype", "device", "backend", "cache_dir",
-               "validity_threshold", "redundancy_threshold")
+               "validity_threshold", "redundancy_threshold", "engine", "tensor_parallel_size", "pooling_api")
 CRITIC_OPTIONS = ("api_base", "api_model", "shots", "critique_template", "concurrency", "timeout", "max_retries",
                   "retry_invalid")
 
@@ -134,6 +136,24 @@ def _check_prm_args(args: argparse.Namespace) -> None:
     critic_only = _given(args, CRITIC_OPTIONS)
     if critic_only:
         raise ValueError(f"{', '.join(critic_only)}: for --critic runs only (add --critic to ask an endpoint)")
+    if args.tensor_parallel_size != 1 and args.engine != "vllm":
+        raise ValueError("--tensor-parallel-size applies to --engine vllm only")
+    if args.engine == "vllm" and args.model is None:
+        raise ValueError("--engine vllm needs --model (the checkpoint folder vLLM loads)")
+
+
+def _check_pooling_api_args(args: argparse.Namespace) -> None:
+    from .endpoint import check_api_base
+
+    if not args.api_model or not args.model:
+        raise ValueError("--pooling-api needs --api-model (the model name the server serves) and --model (the local "
+                         "checkpoint folder, for its tokenizer and config)")
+    wrong = _given(args, ("dtype", "device", "backend", "engine", "tensor_parallel_size", "api_base", "shots",
+                          "critique_template", "retry_invalid"))
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: not for --pooling-api (the server runs the model; its URL is "
+                         "--pooling-api)")
+    check_api_base(args.pooling_api, "--pooling-api", "http://localhost:8000")
 
 
 def _score_critic(args: argparse.Namespace, dataset) -> int:
@@ -175,6 +195,12 @@ def _score(args: argparse.Namespace) -> int:
     from .scoring import score
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    engine_options = {}
+    if args.pooling_api:
+        engine_options = {"engine": "pooling-api", "api_base": args.pooling_api, "api_model": args.api_model,
+                          "concurrency": args.concurrency, "timeout": args.timeout, "max_retries": args.max_retries}
+    elif args.engine == "vllm":
+        engine_options = {"engine": "vllm", "tensor_parallel_size": args.tensor_parallel_size}
     if args.model is None:
         from .models import load_default_model
 
@@ -193,6 +219,7 @@ def _score(args: argparse.Namespace) -> int:
         device=args.device,
         backend=args.backend,
         output_dir=args.output_dir,
+        **engine_options,
         overwrite=args.overwrite,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
@@ -287,17 +314,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start the --output-dir run over (needed when it holds a run of another model or settings)")
     sc.add_argument("--cache-dir", help="keep tokenized samples here across runs")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sc.add_argument("--engine", default="torch", choices=["torch", "vllm"],
+                    help="what runs --model: this package's torch pipeline (default), or vLLM in this process "
+                    "(STEP pooling; needs vLLM installed, e.g. the environment of make vllm-env)")
+    sc.add_argument("--tensor-parallel-size", type=_positive_int, default=1,
+                    help="--engine vllm: GPUs to shard the model over")
+    sc.add_argument("--pooling-api", metavar="URL",
+                    help="score --model's family with a running vLLM server at URL (its root, e.g. "
+                    "http://localhost:8000) serving --api-model with STEP pooling; --model is the local checkpoint "
+                    "folder, for its tokenizer and config")
     sc.add_argument("--critic", action="store_true", help="evaluate an LLM critic behind an OpenAI-compatible API")
     sc.add_argument("--api-base", help="critic endpoint base URL (default: $OPENAI_BASE_URL)")
-    sc.add_argument("--api-model", help="critic model name as the endpoint serves it")
+    sc.add_argument("--api-model", help="critic or --pooling-api: the model name the endpoint serves")
     sc.add_argument("--shots", type=int, choices=[0, 1, 2], help="PRMBench critic: few-shot examples (default 2)")
     sc.add_argument("--critique-template", metavar="FILE",
                     help="ProcessBench critic: the prompt template ({problem}, {tagged_response}), e.g. the official "
                     "code/templates/critique_template.txt (default: this package's wording of it)")
-    sc.add_argument("--concurrency", type=_positive_int, default=16, help="critic requests in flight")
-    sc.add_argument("--timeout", type=_positive_float, default=60.0, help="critic: seconds per request")
+    sc.add_argument("--concurrency", type=_positive_int, default=16, help="critic or --pooling-api: requests in flight")
+    sc.add_argument("--timeout", type=_positive_float, default=60.0,
+                    help="critic or --pooling-api: seconds per request")
     sc.add_argument("--max-retries", type=_positive_int, default=5,
-                    help="critic: attempts per sample (timeouts, connection errors, HTTP 429/5xx)")
+                    help="critic or --pooling-api: attempts per request (timeouts, connection errors, HTTP 429/5xx)")
     sc.add_argument("--retry-invalid", action="store_true",
                     help="critic: ask again about the samples stored invalid in --output-dir (by default they are "
                     "resumed as they are, as the official toolkit does)")

@@ -22,21 +22,19 @@ differs between the two is a :class:`CriticProtocol`.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
-import queue
 import re
 import threading
 import time
-import urllib.parse
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from .data import PRMBenchDataset, Sample, load_prmbench
+from .endpoint import EndpointError, RetryPolicy, ask_all, call_with_retries, check_api_base, masker, public_url
 from .evaluate import Report, evaluate
 from .tasks import check_task_dataset
 from .families.text import clean_step
@@ -141,10 +139,10 @@ PROMPT_VERSION = hashlib.sha256(
 ).hexdigest()[:12]
 
 
-class CriticEndpointError(ConnectionError):
-    """The endpoint refuses every request (bad key, no access, unknown model or path) or cannot be reached (a closed
-    port, an unknown host): the run stops, and nothing is stored for the samples in flight, because storing them
-    invalid would keep a resume from asking again."""
+#: The endpoint refuses every request or cannot be reached (:class:`prmbench_fast.endpoint.EndpointError`): the
+#: run stops, and nothing is stored for the samples in flight, because storing them invalid would keep a resume from
+#: asking again. The name critic callers catch.
+CriticEndpointError = EndpointError
 
 
 # --------------------------------------------------------------------------------------------------- prompt
@@ -334,13 +332,6 @@ class _Outcome:
     completion_tokens: int = 0
 
 
-# Statuses that no retry can fix for any sample: stop the run instead of storing every sample invalid.
-_FATAL_STATUSES = (401, 403, 404)
-# Statuses that no retry fixes for this request (malformed or too long for the model): the sample is stored invalid
-# at once. The official adapter would ask max_retries times and store the same invalid result.
-_REJECTED_STATUSES = (400, 413, 422)
-
-
 def _stored_result(result: Callable[[Any, str | None], dict[str, Any]], sample: Any,
                    text: str | None) -> dict[str, Any]:
     """``result(sample, text)``, or invalid where it raises TypeError (an answer the asker would ask again about is
@@ -352,19 +343,21 @@ def _stored_result(result: Callable[[Any, str | None], dict[str, Any]], sample: 
 
 
 class _Asker:
-    def __init__(self, client, *, api_model, protocol: CriticProtocol, temperature, max_retries, retry_interval,
-                 max_tokens, extra_body, stop: threading.Event, endpoint: str, mask: Callable[[str], str]):
+    """Asks about one sample with retries (:func:`prmbench_fast.endpoint.call_with_retries`). A failed request is
+    retried; HTTP 400/413/422 store the sample invalid at once (the official adapter would ask max_retries times and
+    store the same invalid result); 401/403/404 stop the run instead of storing every sample invalid."""
+
+    def __init__(self, client, *, api_model, protocol: CriticProtocol, temperature, max_tokens, extra_body,
+                 policy: RetryPolicy):
         self.client = client
-        self.endpoint = endpoint
-        self.mask = mask
         self.api_model = api_model
         self.protocol = protocol
         self.temperature = temperature
-        self.max_retries = max_retries
-        self.retry_interval = retry_interval
         self.max_tokens = max_tokens
         self.extra_body = extra_body
-        self.stop = stop
+        self.policy = policy
+        self.endpoint = policy.endpoint
+        self.stop = policy.stop
 
     def _request(self, messages) -> Any:
         options: dict[str, Any] = {}
@@ -377,137 +370,24 @@ class _Asker:
         )
 
     def __call__(self, sample: Sample) -> _Outcome | None:
-        import openai
-
         messages = self.protocol.messages(sample)
-        errors: list[str] = []
-        text: str | None = None
-        prompt_tokens = completion_tokens = 0
-        for attempt in range(1, self.max_retries + 1):
-            if self.stop.is_set():
-                return None
-            try:
-                completion = self._request(messages)
-                usage = getattr(completion, "usage", None)
-                prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
-                completion_tokens += getattr(usage, "completion_tokens", 0) or 0
-                text = completion.choices[0].message.content
-                result = self.protocol.result(sample, text)
-                return _Outcome(result, text, True, attempt, errors, prompt_tokens, completion_tokens)
-            except openai.APIStatusError as err:
-                errors.append(f"HTTP {err.status_code}: {self.mask(_short(err))}")
-                if err.status_code in _FATAL_STATUSES:
-                    raise CriticEndpointError(
-                        f"{self.endpoint} answered HTTP {err.status_code} for model {self.api_model!r}: "
-                        f"{self.mask(_short(err))} (check --api-base, --api-model and OPENAI_API_KEY)"
-                    ) from None
-                if err.status_code in _REJECTED_STATUSES:
-                    break
-            except Exception as err:  # noqa: BLE001 timeouts, connection errors, malformed bodies, unusable scores
-                errors.append(f"{type(err).__name__}: {self.mask(_short(err))}")
-                if _unreachable(err) and attempt == self.max_retries:
-                    # No answer ever arrived: not the model's answer, so never stored as an invalid prediction.
-                    raise CriticEndpointError(
-                        f"{self.endpoint} cannot be reached ({self.mask(_short(_cause(err)))}) after {attempt} "
-                        "attempt(s); check --api-base (or $OPENAI_BASE_URL) and that the server is running, then "
-                        "run the same command again to resume"
-                    ) from None
-            if attempt < self.max_retries:
-                # The official backoff: retry_interval * (1 + failures so far). The wait ends early on a stop.
-                self.stop.wait(self.retry_interval * (1 + len(errors)))
-        return _Outcome({"validity": False, "idx": sample.id}, text, False, len(errors), errors, prompt_tokens,
-                        completion_tokens)
+        # Across attempts: the last answer text and the tokens of every completion that arrived.
+        answer: dict[str, Any] = {"text": None, "prompt_tokens": 0, "completion_tokens": 0}
 
+        def attempt() -> dict[str, Any]:
+            completion = self._request(messages)
+            usage = getattr(completion, "usage", None)
+            answer["prompt_tokens"] += getattr(usage, "prompt_tokens", 0) or 0
+            answer["completion_tokens"] += getattr(usage, "completion_tokens", 0) or 0
+            answer["text"] = completion.choices[0].message.content
+            return self.protocol.result(sample, answer["text"])  # TypeError: an answer to ask again about
 
-def _unreachable(err: BaseException) -> bool:
-    """A connection that could not be made or broke before an answer; a timeout is not one (the server may be slow
-    on this sample only, and the official adapter stores the sample invalid)."""
-    import openai
-
-    return isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError)
-
-
-def _cause(err: BaseException) -> BaseException:
-    """The underlying error of the client's generic "Connection error." (refused, unknown host, bad URL...)."""
-    return err.__cause__ or err
-
-
-def check_api_base(api_base: str) -> None:
-    """Raise ValueError unless ``api_base`` is an http(s) URL with a host (shown without credentials)."""
-    parts = urllib.parse.urlsplit(api_base)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"--api-base / api_base must be an http:// or https:// URL with a host, e.g. "
-                         f"http://localhost:8000/v1, got {public_url(api_base)!r}")
-
-
-def _short(err: BaseException, limit: int = 300) -> str:
-    message = str(err).replace("\n", " ")
-    return message if len(message) <= limit else message[:limit] + "..."
-
-
-def public_url(url: str) -> str:
-    """``url`` without what may be a credential: the user:password part and the query string."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _masker(api_key: str, url: str) -> Callable[[str], str]:
-    """A function that replaces every form of the credentials in a text: the key, and a password in the URL (as
-    written, URL-decoded, and base64-encoded with its user as HTTP basic auth sends it). An endpoint may echo the
-    request's Authorization header in an error message."""
-    parts = urllib.parse.urlsplit(url)
-    secrets = {api_key, urllib.parse.quote(api_key, safe="")}
-    if parts.password:
-        user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password)
-        secrets |= {parts.password, password, base64.b64encode(f"{user}:{password}".encode()).decode()}
-    secrets.discard("")
-
-    def mask(text: str) -> str:
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    return mask
-
-
-def _ask_all(ask: "_Asker", samples: list[Sample], concurrency: int) -> Iterator[tuple[Sample, _Outcome]]:
-    """(sample, outcome) as the answers arrive, from ``concurrency`` worker threads.
-
-    The workers are daemon threads, not a ThreadPoolExecutor's: at exit the interpreter joins an executor's threads,
-    so after Ctrl-C the process would wait for every request in flight (up to ``timeout`` per attempt); daemon
-    threads are abandoned instead, and whatever finished is already stored. A worker's exception (e.g.
-    :class:`CriticEndpointError`) is raised here.
-    """
-    todo: queue.SimpleQueue = queue.SimpleQueue()
-    done: queue.SimpleQueue = queue.SimpleQueue()
-    for sample in samples:
-        todo.put(sample)
-
-    def work() -> None:
-        while not ask.stop.is_set():
-            try:
-                sample = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                done.put((sample, ask(sample), None))
-            except BaseException as err:  # noqa: BLE001 handed to the main thread, which raises it
-                done.put((sample, None, err))
-
-    for _ in range(min(concurrency, len(samples))):
-        threading.Thread(target=work, name="prmbench-critic", daemon=True).start()
-    for _ in range(len(samples)):
-        while True:
-            try:
-                # A timed wait: the main thread gets back to the interpreter often, so Ctrl-C is handled at once.
-                sample, outcome, err = done.get(timeout=0.1)
-                break
-            except queue.Empty:
-                continue
-        if err is not None:
-            raise err
-        yield sample, outcome
+        tried = call_with_retries(attempt, self.policy)
+        if tried is None:
+            return None
+        result = tried.value if tried.succeeded else {"validity": False, "idx": sample.id}
+        return _Outcome(result, answer["text"], tried.succeeded, tried.attempts, tried.errors,
+                        answer["prompt_tokens"], answer["completion_tokens"])
 
 
 class _ResponseLog:
@@ -666,10 +546,12 @@ def score_critic(
         identity = {"family": "critic", "endpoint": endpoint, "model": api_model, **protocol.identity,
                     "temperature": temperature, "max_tokens": max_tokens, "extra_body": extra_body}
         store = ResultsStore(output_dir, identity, overwrite=overwrite, kind="critic")
-    ask = _Asker(client, api_model=api_model, protocol=protocol, temperature=temperature,
-                 max_retries=max_retries, retry_interval=retry_interval, max_tokens=max_tokens,
-                 extra_body=extra_body, stop=threading.Event(), endpoint=endpoint,
-                 mask=_masker(api_key, str(client.base_url)))
+    policy = RetryPolicy(max_retries=max_retries, retry_interval=retry_interval, stop=threading.Event(),
+                         endpoint=endpoint, mask=masker(api_key, str(client.base_url)),
+                         refused_hint="--api-base, --api-model and OPENAI_API_KEY",
+                         unreachable_hint="--api-base (or $OPENAI_BASE_URL)", what=f"model {api_model!r}")
+    ask = _Asker(client, api_model=api_model, protocol=protocol, temperature=temperature, max_tokens=max_tokens,
+                 extra_body=extra_body, policy=policy)
     # The store holds the folder's lock: released on every way out, an exception or Ctrl-C included.
     with store if store is not None else contextlib.nullcontext():
         report = _ask_and_evaluate(dataset, ask, store, concurrency=concurrency, overwrite=overwrite,
@@ -700,7 +582,7 @@ def _ask_and_evaluate(dataset: Any, ask: _Asker, store: ResultsStore | None, *, 
     requests = unparseable = unanswered = prompt_tokens = completion_tokens = 0
     start = time.perf_counter()
     try:
-        for sample, outcome in _ask_all(ask, todo, concurrency):
+        for sample, outcome in ask_all(ask, todo, concurrency, ask.stop):
             requests += outcome.attempts
             prompt_tokens += outcome.prompt_tokens
             completion_tokens += outcome.completion_tokens

@@ -23,6 +23,7 @@ import torch
 
 from .data import PRMBenchDataset, load_prmbench
 from .distributed import gather_predictions, rank_and_world
+from .engines import check_engine
 from .evaluate import Report, evaluate_steps
 from .families import Family, detect_family, family_class, precision
 from .fingerprint import weights_fingerprint
@@ -194,6 +195,7 @@ def score(
     progress: bool = True,
     overwrite: bool = False,
     task: str = "prmbench",
+    engine: str = "torch",
     **family_options: Any,
 ) -> Report:
     """Evaluate a process reward model on PRMBench.
@@ -230,6 +232,13 @@ def score(
             evaluator) or "bon" (``dataset`` from ``load_prmbench(path, task="bon")``; returns the BoN report).
         overwrite: start ``output_dir``'s run over (its results, report and identity are deleted; the tokenization
             cache is kept).
+        engine: what runs the model (``prmbench_fast.engines``): "torch" (this pipeline; a live module or a
+            checkpoint folder), "vllm" (``model`` is a checkpoint folder that vLLM loads in this process, sharded over
+            ``tensor_parallel_size=`` GPUs; ``vllm_options=`` go to ``vllm.LLM``) or "pooling-api" (a vLLM server at
+            ``api_base=`` serving ``api_model=``; ``model`` is the local checkpoint folder, for its tokenizer and
+            config). The vLLM engines read rewards with STEP pooling (``Family.step_pooling``; families it cannot
+            express are refused), write the same run folder and return the same report; ``device``, ``backend``
+            and ``share_prefixes`` are the torch engine's.
         **family_options: passed to the family (e.g. ``separator=``/``reward_tokens=`` for ``generic``).
 
     Returns:
@@ -251,6 +260,7 @@ def score(
             another identity (``RunMismatchError``) or in use by another process (``RunLockedError``).
     """
     _check_arguments(dataset, task=task, max_length=max_length, batch_tokens=batch_tokens, model=model)
+    check_engine(engine, model, family)
     if family == "critic":
         # An LLM prompted as a critic behind an OpenAI-compatible API: `model` is the served model's name.
         from .critic import score_critic
@@ -260,6 +270,14 @@ def score(
     if isinstance(tokenizer, (str, os.PathLike)):
         raise TypeError("tokenizer must be a tokenizer object, not a path: load it with "
                         "transformers.AutoTokenizer.from_pretrained(path), or pass the checkpoint folder as model")
+    if engine != "torch":
+        # vLLM, in this process or behind a server, with STEP pooling: `model` is the checkpoint folder.
+        from .engines import score_with_engine
+
+        return score_with_engine(engine, model, dataset, tokenizer=tokenizer, family=family, max_length=max_length,
+                                 batch_tokens=batch_tokens, dtype=dtype, device=device, backend=backend,
+                                 share_prefixes=share_prefixes, output_dir=output_dir, cache_dir=cache_dir,
+                                 overwrite=overwrite, progress=progress, task=task, **family_options)
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer, family = _load(model, family, tokenizer, dtype, device)
     else:

@@ -35,6 +35,54 @@ class Encoded:
     reward_pos: list[int]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPooling:
+    """How a serving engine with STEP pooling (vLLM: ``runner="pooling"``, ``PoolerConfig(pooling_type="STEP")``,
+    task ``token_classify``) computes this family's step scores.
+
+    STEP pooling returns, for every token of the prompt whose id is ``step_tag_id``, in prompt order, the softmax of
+    a classification head at that token: the PRM's own head, or for an LM-head PRM a head made of the LM-head rows of
+    ``lm_head_tokens`` (vLLM's ``convert="classify"`` with ``classifier_from_token``; its ``returned_token_ids``
+    cannot do this: it selects columns of the hidden states, before the head). The family's reward positions must
+    therefore be exactly the tag's positions in each truncated prompt; the engines check that per sample.
+
+    Attributes:
+        step_tag_id: the token id that marks every reward position.
+        lm_head_tokens: the tokens (as the tokenizer spells them) whose LM-head rows make the head; None for a
+            checkpoint with its own classification head.
+        score_class: the column of the returned probabilities that is the step score.
+        num_classes: how many probabilities each tag returns.
+    """
+
+    step_tag_id: int
+    lm_head_tokens: tuple[str, ...] | None
+    score_class: int
+    num_classes: int = 2
+
+    def pooler_config(self) -> dict[str, Any]:
+        """vLLM's pooler configuration (``PoolerConfig(**it)``, or a server's ``--pooler-config`` JSON)."""
+        return {"pooling_type": "STEP", "step_tag_id": self.step_tag_id}
+
+    def engine_args(self) -> dict[str, Any]:
+        """The other ``vllm.LLM`` arguments the mapping needs (a server takes them as ``--convert``,
+        ``--hf-overrides``)."""
+        if self.lm_head_tokens is None:
+            return {}
+        return {"convert": "classify",
+                "hf_overrides": {"classifier_from_token": list(self.lm_head_tokens), "method": "no_post_processing"}}
+
+    def server_args(self) -> list[str]:
+        """The pooling options of ``python -m vllm.entrypoints.openai.api_server`` for this mapping."""
+        args = ["--runner", "pooling", "--pooler-config", json.dumps(self.pooler_config())]
+        for name, value in self.engine_args().items():
+            args += [f"--{name.replace('_', '-')}", value if isinstance(value, str) else json.dumps(value)]
+        return args
+
+    def scores(self, probs: torch.Tensor) -> torch.Tensor:
+        """(S,) float32 step scores from the (S, num_classes) probabilities returned at the S tags."""
+        return probs[:, self.score_class].float().contiguous()
+
+
 class Family(abc.ABC):
     """Base class of every PRM family. Subclasses set the class attributes and implement the three methods.
 
@@ -172,6 +220,17 @@ class Family(abc.ABC):
             ``{"validity": (S,) float32}`` and, for families with redundancy scores, ``"redundancy": (S,) float32``:
             the values the official adapter stores as ``step_level_validity_scores`` / ``_redundancy_scores``.
         """
+
+    # -- serving engines ---------------------------------------------------------------------------------------------
+    #: Why an engine with STEP pooling cannot compute this family's scores; families that it can compute override
+    #: :meth:`step_pooling` instead.
+    step_pooling_refusal: ClassVar[str] = "no mapping to STEP pooling is defined for it"
+
+    def step_pooling(self) -> StepPooling:
+        """How an engine with STEP pooling (vLLM) computes this family's step scores; raises :class:`FamilyError`
+        naming the family and the reason when it cannot (reward positions not marked by one tag token, a score
+        that is no function of a softmax at the tags, an option only the torch engine reproduces)."""
+        raise FamilyError(f"{self.name}: cannot be scored with STEP pooling (vLLM): {self.step_pooling_refusal}")
 
     # -- labels -----------------------------------------------------------------------------------------------------
     def step_labels(self, scores: dict[str, torch.Tensor], cu_steps: torch.Tensor) -> dict[str, torch.Tensor]:

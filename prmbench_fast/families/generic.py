@@ -25,6 +25,8 @@ from .heads import lm_head_pair_probability, single_token_id
 
 class GenericPRM(Family):
     name = "generic"
+    step_pooling_refusal = ("its head is whatever the caller describes (any module, LM-head rows, the model's own "
+                           "head), read at the last token of a separator that may be several tokens")
     auto_class = "AutoModelForTokenClassification"
 
     def __init__(

@@ -48,6 +48,8 @@ class LlemmaFamily(Family):
     """
 
     name = "llemma"
+    step_pooling_refusal = ("its score is the sigmoid of the mean of all LM-head logits, not a softmax of a head, "
+                           "read at '\\n\\n' pairs rather than at one tag token")
     auto_class = "AutoModelForCausalLM"
 
     def __init__(self, tokenizer: Any, *, strict: bool = True, **unknown: Any):

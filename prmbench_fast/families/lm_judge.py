@@ -28,6 +28,8 @@ USER_PROMPT = (
 
 class LMJudge(Family):
     name = "lm_judge"
+    step_pooling_refusal = ("its rewards are read at the last token of each 'Verdict:', a token the question and "
+                           "steps may hold too, so it marks no reward position alone")
 
     def __init__(self, tokenizer: Any, *, positive: str = " +", negative: str = " -", threshold: float = 0.5):
         super().__init__(tokenizer, positive=positive, negative=negative, threshold=threshold)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..data import Sample
-from .base import Encoded, Family, FamilyError
+from .base import Encoded, Family, FamilyError, StepPooling
 from .heads import lm_head_pair_probability
 
 STEP_TAG = "ки"
@@ -84,6 +84,15 @@ class MathShepherdFamily(Family):
                 "neighbouring text or the text contains it (strict=False keeps the official, miscounted rewards)"
             )
         return Encoded(ids, reward_pos)
+
+    def step_pooling(self) -> StepPooling:
+        """At every tag, the softmax over the "+" and "-" LM-head rows (a head made of those rows); P("+")."""
+        tokens = tuple(self.tokenizer.convert_ids_to_tokens(list(self.good_bad_ids)))
+        # vLLM finds the rows by these spellings (convert_tokens_to_ids): they must lead back to the same ids.
+        if list(self.tokenizer.convert_tokens_to_ids(list(tokens))) != list(self.good_bad_ids):
+            raise FamilyError(f"math_shepherd: the tokens {tokens} do not map back to the ids {self.good_bad_ids}, "
+                              "so a serving engine could not find the '+'/'-' LM-head rows by name")
+        return StepPooling(self.tag_id, tokens, score_class=0)
 
     def step_scores(
         self, model: torch.nn.Module, hidden: torch.Tensor, step_pos: torch.Tensor, *, backend: str = "auto"

@@ -39,6 +39,8 @@ class MathMinosFamily(Family):
     """
 
     name = "mathminos"
+    step_pooling_refusal = ("its checkpoint is a MistralForTokenClassification, which vLLM 0.32 has no model class "
+                           "for, and its score is the raw logit, not a probability")
     takes_max_length = True
     auto_class = "AutoModelForTokenClassification"
     validity_threshold = 0.0

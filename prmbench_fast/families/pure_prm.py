@@ -36,6 +36,7 @@ class PurePRMFamily(Family):
     ``official_rounding`` (bool), see the module docstring."""
 
     name = "pure_prm"
+    step_pooling_refusal = "its checkpoint is a Qwen2ForTokenClassification, which vLLM 0.32 has no model class for"
     auto_class = "AutoModelForTokenClassification"
     validity_threshold = 0.0
     threshold_range = (-1.0, 1.0)  # p1 - p0

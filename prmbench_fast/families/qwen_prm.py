@@ -37,7 +37,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
 from ..data import Sample
 from ..kernels.step_reward import gather_step_hidden
 from . import precision
-from .base import Encoded, Family, FamilyError
+from .base import Encoded, Family, FamilyError, StepPooling
 from .text import clean_step
 
 #: The official system prompt, byte for byte: "\b" in a non-raw Python string is the backspace character U+0008.
@@ -154,6 +154,13 @@ class QwenPRMFamily(Family):
                 f"{len(sample.steps)} steps"
             )
         return Encoded(input_ids=ids, reward_pos=reward_pos)
+
+    def step_pooling(self) -> StepPooling:
+        """vLLM's ``Qwen2ForProcessRewardModel`` at every ``<extra_0>``: the checkpoint's own head, P(class 1)."""
+        if self.mixed_precision is not None:
+            raise FamilyError(f"qwen_prm: official_mixed_precision={self.mixed_precision!r} is a reading of the torch "
+                              "engine; a serving engine runs the head in the weights' dtype (use engine='torch')")
+        return StepPooling(self.separator_id, None, score_class=1)
 
     def step_scores(
         self, model: torch.nn.Module, hidden: torch.Tensor, step_pos: torch.Tensor, *, backend: str = "auto"

@@ -118,6 +118,8 @@ class ReasonEvalFamily(Family):
     """
 
     name = "reasoneval"
+    step_pooling_refusal = ("its reward positions are step ends found by removing the separator tokens from the "
+                           "prompt, so no tag token is left at them; its validity adds two of three class probabilities")
     #: What the official adapter loads with; no transformers auto class builds this head without remote code, so
     #: load checkpoints with :meth:`load_model`.
     auto_class = "AutoModel"

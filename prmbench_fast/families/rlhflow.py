@@ -49,6 +49,9 @@ class RLHFlowFamily(Family):
     """
 
     name = "rlhflow"
+    step_pooling_refusal = ("its reward is read at the '\\n\\n' closing an assistant header, a token that closes every "
+                           "header, so no tag token marks the reward positions alone; and its score is P('+') under the "
+                           "whole vocabulary's softmax")
     takes_max_length = True
     auto_class = "AutoModelForCausalLM"
 

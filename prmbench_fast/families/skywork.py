@@ -74,6 +74,7 @@ class SkyworkFamily(Family):
     """Skywork-o1-Open-PRM (Qwen2.5 1.5B / 7B). No options."""
 
     name = "skywork"
+    step_pooling_refusal = "its score is the sigmoid of a one-output value head (v_head.summary), which vLLM 0.32 has no model class for"
     #: What the official adapter loads with; no transformers auto class builds this head without remote code, so
     #: load checkpoints with :meth:`load_model`.
     auto_class = "AutoModelForCausalLM"
