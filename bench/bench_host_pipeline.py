@@ -192,6 +192,10 @@ def main() -> None:
 
     from transformers import PreTrainedTokenizerFast
 
+    # A real PRM is a transformers model, whose loading imports transformers' modeling code (~1.4 s here); the stub
+    # is not, so score()'s attention registration would import it inside the first forward of the cold call.
+    import transformers.modeling_utils  # noqa: F401
+
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
     dataset = prmbench_fast.load_prmbench(args.data)
     sim = SimulatedDevice()

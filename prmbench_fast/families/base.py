@@ -275,10 +275,11 @@ def batch_token_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) 
 
     A transformers fast tokenizer's ``__call__`` checks its arguments, clears the backend's truncation and padding,
     sets its ``encode_special_tokens`` from ``split_special_tokens``, calls the backend's ``encode_batch`` and converts
-    every encoding to a dict of lists (~0.5 s of the ~2.7 s PRMBench's 48k distinct texts take on two cores). When
-    the tokenizer's class keeps transformers' own encoding path and its backend already has no truncation or padding
-    and the special-token setting ``__call__`` would set, the backend call alone gives the same ids; any other
-    tokenizer (a slow one, a subclass with its own encoding, a backend left truncating) goes through ``__call__``.
+    every encoding to a dict of lists (~0.5 s of the ~2.3 s PRMBench's 48k distinct texts take on two idle cores).
+    When the tokenizer's class keeps transformers' own encoding path and its backend already has no truncation or
+    padding and the special-token setting ``__call__`` would set, the backend alone gives the same ids, and its
+    ``encode_batch_fast`` (the same encoding without character offsets) gives them ~20 % sooner; any other tokenizer
+    (a slow one, a subclass with its own encoding, a backend left truncating) goes through ``__call__``.
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -296,7 +297,7 @@ def batch_token_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) 
     )
     if not direct:
         return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
-    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
 
 #: tokenizer -> (its state when hashed, its hash): every score() call builds a family, and hashing a 150k vocabulary
