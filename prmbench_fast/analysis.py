@@ -272,6 +272,35 @@ def _labels_threshold(score: np.ndarray, label: np.ndarray,
     return float(low if np.isfinite(low) else np.nextafter(high, -np.inf)), None
 
 
+def _best_threshold(sweep: _Sweep) -> float:
+    """The validity threshold of the best Overall PRMScore, the lowest of equal ones (``sweep.scores`` not empty).
+    Every distinct score is a candidate (labels change only there), plus one below them all (every step positive)."""
+    distinct = np.unique(sweep.scores)
+    candidates = np.concatenate(([np.nextafter(distinct[0], -np.inf)], distinct))
+    total = sweep.total_counts(candidates).astype(np.float64)
+    f1, nf1 = _f1_arrays(*total.T)
+    return float(candidates[int(np.argmax(0.5 * f1 + 0.5 * nf1))])  # argmax: the first of equal values
+
+
+def threshold_free(dataset: PRMBenchDataset, report) -> dict[str, float]:
+    """The threshold-free figures a training loop logs per evaluation: the AUROC of the validity scores, and the
+    Overall at the best threshold with that threshold (when the labels are a threshold of the scores), as
+    :func:`threshold_sweep`'s "best" gives them, without the ~100-row curve it also builds."""
+    steps = _steps(dataset, report.step_predictions)
+    out = {}
+    value = auroc(steps)["value"]
+    if value is not None:
+        out["AUROC"] = value
+    _, reason = _run_threshold(steps, report.run.get("validity_threshold"))
+    sweep = _Sweep(steps)
+    if reason is None and len(sweep.scores):
+        best = _best_threshold(sweep)
+        classes_present = [c for c in ERROR_CLASSES if c in report.official["hallucination_type_results"]["f1"]]
+        table = _table_from_counts(sweep.counts(np.array([best]))[0], classes_present)
+        out["Overall_at_best_threshold"], out["best_threshold"] = table["Overall"], best
+    return out
+
+
 def threshold_sweep(steps: _Steps, classes_present, validity_threshold: float | None = None) -> dict[str, Any]:
     """The leaderboard row as a function of the validity threshold (labels = score > t), the run's threshold, and the
     best threshold for the Overall PRMScore over every distinct score (what a calibrated threshold would give).
@@ -285,13 +314,7 @@ def threshold_sweep(steps: _Steps, classes_present, validity_threshold: float | 
     sweep = _Sweep(steps)
     if len(sweep.scores) == 0:
         return {"applicable": False, "reason": "no validity-scored step on a non-correct sample"}
-    # Every distinct score is a candidate (labels change only there), plus one below them all (every step positive).
-    distinct = np.unique(sweep.scores)
-    candidates = np.concatenate(([np.nextafter(distinct[0], -np.inf)], distinct))
-    total = sweep.total_counts(candidates).astype(np.float64)
-    f1, nf1 = _f1_arrays(*total.T)
-    best = float(candidates[int(np.argmax(0.5 * f1 + 0.5 * nf1))])  # argmax: the lowest of equal thresholds
-
+    best = _best_threshold(sweep)
     curve = np.unique(np.concatenate((np.quantile(sweep.scores, np.linspace(0, 1, SWEEP_POINTS), method="lower"),
                                       [run_threshold, best])))
     rows = [_table_from_counts(c, classes_present) for c in sweep.counts(curve)]

@@ -256,7 +256,7 @@ class ScoringSetup:
                           "predictor's; the threshold-free prmbench AUROC tells whether its scores rank the steps",
                           TrivialPredictorWarning, stacklevel=2)
         if self.analyses and report.step_predictions is not None:
-            row.update(threshold_free(report, dataset))
+            row.update(analysis.threshold_free(dataset, report))
         return row
 
 
@@ -277,31 +277,6 @@ def trivial_predictor(report: Report) -> str | None:
     if negative and not positive:
         return "all_negative"
     return None
-
-
-def threshold_free(report: Report, dataset: PRMBenchDataset) -> dict[str, float]:
-    """AUROC of the validity scores, and the Overall at the best threshold with that threshold (when the labels are
-    a threshold of the scores): ``analysis.threshold_sweep``'s "best", without the curve of ~100 rows it also builds
-    (that curve cost a scoring call 12 ms per set on the project's CPU; the best point alone, one row)."""
-    steps = analysis._steps(dataset, report.step_predictions)
-    out = {}
-    auroc = analysis.auroc(steps)["value"]
-    if auroc is not None:
-        out["AUROC"] = auroc
-    _, reason = analysis._run_threshold(steps, report.run.get("validity_threshold"))
-    sweep = analysis._Sweep(steps)
-    if reason is None and len(sweep.scores):
-        # As threshold_sweep: every distinct score is a candidate, plus one below them all; argmax takes the lowest
-        # of equal thresholds.
-        distinct = np.unique(sweep.scores)
-        candidates = np.concatenate(([np.nextafter(distinct[0], -np.inf)], distinct))
-        total = sweep.counts(candidates)[:, [CLASS_ID[c] for c in ERROR_CLASSES]].sum(axis=1).astype(np.float64)
-        f1, negative_f1 = analysis._f1_arrays(*total.T)
-        best = float(candidates[int(np.argmax(0.5 * f1 + 0.5 * negative_f1))])
-        classes_present = [c for c in ERROR_CLASSES if c in report.official["hallucination_type_results"]["f1"]]
-        table = analysis._table_from_counts(sweep.counts(np.array([best]))[0], classes_present)
-        out["Overall_at_best_threshold"], out["best_threshold"] = table["Overall"], best
-    return out
 
 
 def _check_score_options(options: dict[str, Any]) -> None:
