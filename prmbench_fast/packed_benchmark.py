@@ -37,49 +37,28 @@ __all__ = ["BenchmarkBatch", "PackedBenchmark", "benchmark_batches"]
 
 
 @dataclasses.dataclass(frozen=True)
-class BenchmarkBatch:
-    """B benchmark samples in the packed layout (``prmbench_fast.packing``) with their dataset positions.
+class BenchmarkBatch(PackedBatch):
+    """A :class:`~prmbench_fast.packing.PackedBatch` of benchmark samples (the packed layout: ``input_ids``,
+    ``position_ids``, ``cu_seqlens``, ``max_seqlen``, ``step_pos``, ``cu_steps``, ``seqlens``...) with their dataset
+    positions.
 
     Attributes:
-        input_ids: (T,) int64. The tokens of the B samples, back to back, no padding.
-        position_ids: (T,) int64. Restart at 0 at every sample start.
-        cu_seqlens: (B+1,) int32. Sample b is tokens ``cu_seqlens[b]:cu_seqlens[b+1]``.
-        max_seqlen: Python int. The longest sample.
-        step_pos: (S,) int64. Global token indices where the family reads the step rewards, sample by sample.
-        cu_steps: (B+1,) int32. Sample b's rewards are ``step_pos[cu_steps[b]:cu_steps[b+1]]``.
-        sample_pos: (B,) int64. The samples' positions in the dataset (``PRMBenchMetric.update``'s ``sample_pos``).
-        seqlens: the B sample lengths as Python ints (host copy of ``diff(cu_seqlens)``).
+        sample_pos: (B,) int64. The samples' positions in the dataset (``PRMBenchMetric.update``'s ``sample_pos``;
+            the batch's ``sample_keys`` as a tensor).
     """
 
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    step_pos: torch.Tensor
-    cu_steps: torch.Tensor
     sample_pos: torch.Tensor
-    seqlens: tuple[int, ...]
 
     @classmethod
     def of(cls, packed: PackedBatch) -> "BenchmarkBatch":
         """The batch of a ``PackedBatch`` whose sample keys are dataset positions."""
-        return cls(
-            input_ids=packed.input_ids, position_ids=packed.position_ids, cu_seqlens=packed.cu_seqlens,
-            max_seqlen=packed.max_seqlen, step_pos=packed.step_pos, cu_steps=packed.cu_steps,
-            sample_pos=torch.tensor(packed.sample_keys, dtype=torch.int64), seqlens=packed.seqlens,
-        )
-
-    @property
-    def num_tokens(self) -> int:
-        """T."""
-        return sum(self.seqlens)
+        layout = {field.name: getattr(packed, field.name) for field in dataclasses.fields(PackedBatch)}
+        return cls(**layout, sample_pos=torch.tensor(packed.sample_keys, dtype=torch.int64))
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "BenchmarkBatch":
-        """A copy with every tensor on ``device``."""
-        return dataclasses.replace(self, **{
-            field.name: getattr(self, field.name).to(device, non_blocking=non_blocking)
-            for field in dataclasses.fields(self) if isinstance(getattr(self, field.name), torch.Tensor)
-        })
+        """A copy with every tensor, ``sample_pos`` included, on ``device``."""
+        moved = super().to(device, non_blocking=non_blocking)
+        return dataclasses.replace(moved, sample_pos=self.sample_pos.to(device, non_blocking=non_blocking))
 
     def block_causal_mask(self) -> torch.Tensor:
         """(1, 1, T, T) bool: token i attends to token j when both lie in one sample and j <= i.
