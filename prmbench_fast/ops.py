@@ -40,15 +40,6 @@ except ImportError as error:
     C_IMPORT_ERROR = error
 
 
-def _require_extension() -> None:
-    if not HAS_C_EXTENSION:
-        raise RuntimeError(
-            "the compiled extension prmbench_fast._C could not be imported "
-            f"({type(C_IMPORT_ERROR).__name__}: {C_IMPORT_ERROR}). "
-            f"Rebuild it from the repository root with: {REBUILD_COMMAND}"
-        ) from C_IMPORT_ERROR
-
-
 def compiled_kernel_missing(device_type: str) -> str | None:
     """Why the compiled op cannot count tensors on ``device_type`` ("cpu", "cuda"), or None when it can."""
     if not HAS_C_EXTENSION:
@@ -143,8 +134,8 @@ def step_confusion(
     missing = compiled_kernel_missing(step_values.device.type) if step_values.device.type in ("cpu", "cuda") else None
     if missing is not None:
         if backend != "auto":
-            _require_extension()
-            raise RuntimeError(f"{missing}; rebuild it against this torch with: {REBUILD_COMMAND}")
+            # The import error (None when the op loaded without this device's kernel) is the cause to show.
+            raise RuntimeError(f"{missing}; rebuild it against this torch with: {REBUILD_COMMAND}") from C_IMPORT_ERROR
         warn_once(
             f"step_confusion:{step_values.device.type}",
             f"{missing}: counting with the torch reference instead (identical counts, slower). To build it: "
