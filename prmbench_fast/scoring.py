@@ -533,6 +533,14 @@ def _run_identity(model: torch.nn.Module, fam: Family, dataset: PRMBenchDataset,
         "model": _model_name(model),
         "weights": weights_fingerprint(model),  # under FSDP2 the same on every rank (a collective; see its doc)
         "dtype": str(forward_dtype(model)),
+        **scoring_identity(fam, dataset, max_length),
+    }
+
+
+def scoring_identity(fam: Family, dataset: PRMBenchDataset, max_length: int) -> dict[str, Any]:
+    """The part of a run's identity every engine shares: the family, its options and token ids, its thresholds, the
+    truncation and the data (the model part is the engine's)."""
+    return {
         "family": fam.name,
         "family_options": {k: repr(v) for k, v in sorted(fam.options.items())},
         "tokens": fam.cache_key(),  # family, options and tokenizer: the token ids a sample becomes

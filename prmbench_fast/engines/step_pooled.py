@@ -133,17 +133,9 @@ def run_identity(fam: Family, dataset: PRMBenchDataset, *, task: str, max_length
                  engine: dict[str, Any]) -> dict[str, Any]:
     """What a run's results depend on: ``engine`` (its name and what identifies the weights it runs) and the rest
     as ``score()`` records it. The engine's name is in it, so a folder of another engine is never resumed."""
-    return {
-        "task": task,
-        **engine,
-        "family": fam.name,
-        "family_options": {k: repr(v) for k, v in sorted(fam.options.items())},
-        "tokens": fam.cache_key(),
-        "validity_threshold": fam.validity_threshold,
-        "redundancy_threshold": fam.redundancy_threshold,
-        "max_length": max_length,
-        "data": dataset.content_hash,
-    }
+    from ..scoring import scoring_identity  # here: scoring imports this package
+
+    return {"task": task, **engine, **scoring_identity(fam, dataset, max_length)}
 
 
 def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
