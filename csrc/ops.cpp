@@ -7,10 +7,17 @@
 #include <Python.h>
 #include <torch/csrc/stable/library.h>
 
+#include "result_dicts.h"
+
 extern "C" {
-// `import prmbench_fast._C` loads this shared object, which runs the registrations below. The module itself is empty.
+// `import prmbench_fast._C` loads this shared object, which runs the registrations below. The module holds one
+// function, the fast path of parse_results (result_dicts.cpp); the ops are reached through torch.ops.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"flat_from_results", prmbench_fast_flat_from_results, METH_VARARGS,
+       "Official result dicts -> the flat predictions arrays, or None (prmbench_fast.predictions._parse_compiled)."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -86,6 +86,7 @@ def describe() -> dict:
             "file": getattr(extension, "__file__", None),
             "error": None if ops.HAS_C_EXTENSION else f"{type(ops.C_IMPORT_ERROR).__name__}: {ops.C_IMPORT_ERROR}",
             "kernels": [key for key in ("CPU", "CUDA") if ops.HAS_C_EXTENSION and compat.has_kernel(ops.OP_NAME, key)],
+            "result_walk": ops.flat_from_results is not None,  # parse_results' compiled fast path
         },
         "paths": {
             str(device): {
@@ -119,7 +120,9 @@ def format_report(facts: dict) -> str:
     ]
     extension = facts["extension"]
     if extension["loaded"]:
-        lines.append(f"compiled op   loaded from {extension['file']}; kernels: {', '.join(extension['kernels'])}")
+        walk = "compiled" if extension["result_walk"] else "in Python (an extension built before the walk)"
+        lines.append(f"compiled op   loaded from {extension['file']}; kernels: {', '.join(extension['kernels'])}; "
+                     f"result dicts parsed {walk}")
     else:
         lines.append(f"compiled op   not loaded ({extension['error']}); rebuild: {ops.REBUILD_COMMAND}")
     for device, paths in facts["paths"].items():

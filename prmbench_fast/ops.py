@@ -1,4 +1,5 @@
-"""The boundary of the compiled ops: loading ``prmbench_fast._C``, fake kernels, and ``backend=`` dispatch.
+"""The boundary of the compiled ops: loading ``prmbench_fast._C``, fake kernels, and ``backend=`` dispatch (and the
+compiled walk over result dicts that ``parse_results`` uses when it is there).
 
 The extension is optional: if it is missing, fails to load, or was built without its CUDA kernel (a CPU-only build on
 a GPU machine), this module still imports and ``backend="auto"`` counts with the torch reference instead (identical
@@ -30,14 +31,19 @@ BAD_INPUT_FLAGS = {
 }
 
 try:
-    # Loading the shared object runs its TORCH_LIBRARY registrations; the module itself is empty.
-    import prmbench_fast._C  # noqa: F401
+    # Loading the shared object runs its TORCH_LIBRARY registrations.
+    import prmbench_fast._C as _C
 
     HAS_C_EXTENSION = True
     C_IMPORT_ERROR: ImportError | None = None
 except ImportError as error:
+    _C = None
     HAS_C_EXTENSION = False
     C_IMPORT_ERROR = error
+
+#: The compiled walk over official result dicts (csrc/result_dicts.cpp; predictions.parse_results' fast path), or None
+#: where the extension did not load or was built before the walk existed: parse_results then walks in Python.
+flat_from_results = getattr(_C, "flat_from_results", None)
 
 
 def compiled_kernel_missing(device_type: str) -> str | None:

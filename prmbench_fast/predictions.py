@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .classes import CLASS_ID, REDUNDANCY_CLASSES
+from . import ops
 from .host_threads import single_threaded
 
 VALIDITY_LABELS = "step_level_validity_labels"
@@ -326,14 +327,67 @@ def parse_results(
     as the official adapters label them. ``keep_scores=False`` leaves the scores of labelled predictions out (the
     evaluator never reads them; analyses do), which saves converting every score.
 
+    Results made of plain dicts, lists, bools and floats are walked by the compiled extension (a few times faster;
+    the same arrays); anything else, and every error, by the Python loop that defines this function.
+
     Raises:
         PredictionError: naming the sample id, the field and the index of a value that is not a label (true/false,
             0/1) or not a real number (strings, booleans as scores, None, NaN, integers too large for a float).
     """
-    position = dataset.position
-    # Only PRMBench samples have the NR/NCL redundancy rule (a BoN dataset has no classes).
+    compiled = _parse_compiled(dataset, results, validity_threshold, redundancy_threshold, keep_scores)
+    if compiled is not None:
+        return compiled
+    return _parse_python(dataset, results, validity_threshold=validity_threshold,
+                         redundancy_threshold=redundancy_threshold, keep_scores=keep_scores)
+
+
+def _redundancy_rule(dataset) -> list[bool] | bytes:
+    """Per sample: whether the NR/NCL redundancy rule applies (only PRMBench samples have it; a BoN set has no
+    classes)."""
     arrays = getattr(dataset, "arrays", None)
-    redundancy_rule = arrays.redundancy_rule if arrays is not None else bytes(len(dataset))
+    return arrays.redundancy_rule if arrays is not None else bytes(len(dataset))
+
+
+def _parse_compiled(dataset, results, validity_threshold, redundancy_threshold, keep_scores) -> ParsedResults | None:
+    """:func:`parse_results` by the compiled walk (csrc/result_dicts.cpp), or None where it does not apply: the
+    extension is missing or older, ``results`` is no plain list or dict, a threshold is no float, or the walk met a
+    value the Python loop would convert or refuse (that loop then decides, naming what is wrong).
+
+    The walk returns bytearrays of: kept positions, step offsets (int64), validity labels (uint8), validity scores
+    (float64, or None without ``keep_scores``), the indices into kept of invalid predictions, of predictions with
+    redundancy values and their lengths (int64), the redundancy labels (uint8) and scores (float64 or None),
+    concatenated; then the unknown ids, the number of duplicates and the labelled ranges."""
+    walk = ops.flat_from_results
+    if walk is None or type(validity_threshold) is not float or type(redundancy_threshold) is not float:
+        return None
+    if type(results) is dict:
+        ids, values = list(results), list(results.values())
+    elif type(results) is list:
+        ids, values = None, results
+    else:
+        return None
+    arrays = walk(ids, values, dataset.position, bytes(_redundancy_rule(dataset)), validity_threshold,
+                  redundancy_threshold, keep_scores)
+    if arrays is None:
+        return None
+    (kept, offsets, labels, scores, invalid, redundancy_rows, redundancy_lengths, redundancy_labels, redundancy_scores,
+     unknown, duplicates, ranges) = arrays
+
+    def array(buffer, dtype):
+        return None if buffer is None else np.frombuffer(buffer, dtype=dtype)
+
+    with single_threaded("cpu", len(labels)):
+        flat = _assemble(array(kept, np.int64), array(offsets, np.int64), array(labels, np.uint8).view(bool),
+                         array(scores, np.float64), array(invalid, np.int64),
+                         array(redundancy_rows, np.int64), array(redundancy_lengths, np.int64),
+                         array(redundancy_labels, np.uint8).view(bool), array(redundancy_scores, np.float64))
+    return ParsedResults(flat, unknown, duplicates, ranges)
+
+
+def _parse_python(dataset, results, *, validity_threshold, redundancy_threshold, keep_scores) -> ParsedResults:
+    """:func:`parse_results`' definition: the walk over the results in Python, raising for the first bad value."""
+    position = dataset.position
+    redundancy_rule = _redundancy_rule(dataset)
     taken = bytearray(len(dataset))  # 1 where a result was kept: the first result per id wins
     unknown: list[str] = []
     duplicates = 0
@@ -483,60 +537,78 @@ def _redundancy_sample(sample_id: str, fields: Mapping, threshold: float, redund
 
 
 def _flat(dataset, kept, offsets, labels, scores, invalid, redundancy) -> StepPredictions:
+    """The Python walk's lists, checked as they become arrays (a bad label or score raises, naming its sample, field
+    and index), assembled into the flat layout. ``redundancy``: kept-index -> (redundancy labels, scores or None)."""
     samples = dataset.samples
 
     def spans():  # only walked to name a bad value
         return ((samples[where].id, offsets[k], offsets[k + 1]) for k, where in enumerate(kept))
 
-    validity_scores = redundancy_labels = redundancy_scores = has_redundancy = None
+    rows = list(redundancy)
+    lengths = np.asarray([len(redundancy[r][0]) for r in rows], dtype=np.int64)
+    cu = np.concatenate(([0], np.cumsum(lengths)))
+
+    def redundancy_spans():
+        return ((samples[kept[r]].id, int(cu[i]), int(cu[i + 1])) for i, r in enumerate(rows))
+
+    redundancy_labels = _labels_array(list(itertools.chain.from_iterable(redundancy[r][0] for r in rows)),
+                                      REDUNDANCY_LABELS, redundancy_spans)
+    redundancy_scores = None
     if scores is not None:
-        validity_scores = torch.from_numpy(_scores_array(scores, VALIDITY_SCORES, spans, allow_nan=True))
-    if redundancy:
-        redundancy_labels, redundancy_scores = _redundancy_arrays(samples, kept, offsets, len(labels), redundancy,
-                                                                  keep_scores=scores is not None)
-        has_redundancy = torch.zeros(len(kept), dtype=torch.bool)
-        has_redundancy[list(redundancy)] = True
-    valid = None
-    if invalid:
-        valid = torch.ones(len(kept), dtype=torch.bool)
-        valid[invalid] = False
-    return StepPredictions(
+        nan_scores = [math.nan]
+        redundancy_scores = _scores_array(list(itertools.chain.from_iterable(
+            redundancy[r][1] if redundancy[r][1] is not None else nan_scores * len(redundancy[r][0]) for r in rows
+        )), REDUNDANCY_SCORES, redundancy_spans, allow_nan=True)
+    return _assemble(
         # np.array is ~3x faster than torch.tensor at turning a list of Python ints into an array.
-        sample_pos=torch.from_numpy(np.array(kept, dtype=np.int64)),
-        cu_steps=torch.from_numpy(np.array(offsets, dtype=np.int32)),
-        validity_labels=torch.from_numpy(_labels_array(labels, VALIDITY_LABELS, spans)),
-        validity_scores=validity_scores,
-        redundancy_labels=redundancy_labels,
-        redundancy_scores=redundancy_scores,
-        has_redundancy=has_redundancy,
-        valid=valid,
+        np.array(kept, dtype=np.int64),
+        np.array(offsets, dtype=np.int64),
+        _labels_array(labels, VALIDITY_LABELS, spans),
+        None if scores is None else _scores_array(scores, VALIDITY_SCORES, spans, allow_nan=True),
+        np.array(invalid, dtype=np.int64),
+        np.array(rows, dtype=np.int64),
+        lengths,
+        redundancy_labels,
+        redundancy_scores,
     )
 
 
-def _redundancy_arrays(samples, kept, offsets, num_steps, redundancy, *, keep_scores: bool):
-    """The (S,) redundancy labels and scores (None without ``keep_scores``): the values of the predictions in
-    ``redundancy`` at their steps, False and NaN elsewhere."""
-    rows = list(redundancy)
-    starts = np.asarray(offsets, dtype=np.int64)[rows]
-    lengths = np.asarray([len(redundancy[r][0]) for r in rows], dtype=np.int64)
-    cu = np.concatenate(([0], np.cumsum(lengths)))
-    steps = torch.from_numpy(np.repeat(starts - cu[:-1], lengths) + np.arange(cu[-1], dtype=np.int64))
+def _assemble(kept, offsets, labels, scores, invalid, redundancy_rows, redundancy_lengths, redundancy_labels,
+              redundancy_scores) -> StepPredictions:
+    """Checked, writable numpy arrays -> the flat layout (CPU tensors sharing their memory).
 
-    def spans():
-        return ((samples[kept[r]].id, int(cu[i]), int(cu[i + 1])) for i, r in enumerate(rows))
-
-    flat_labels = list(itertools.chain.from_iterable(redundancy[r][0] for r in rows))
-    labels = torch.zeros(num_steps, dtype=torch.bool)
-    labels[steps] = torch.from_numpy(_labels_array(flat_labels, REDUNDANCY_LABELS, spans))
-    if not keep_scores:
-        return labels, None
-    nan_scores = [math.nan]
-    flat_scores = list(itertools.chain.from_iterable(
-        redundancy[r][1] if redundancy[r][1] is not None else nan_scores * len(redundancy[r][0]) for r in rows
-    ))
-    scores = torch.full((num_steps,), math.nan, dtype=torch.float64)
-    scores[steps] = torch.from_numpy(_scores_array(flat_scores, REDUNDANCY_SCORES, spans, allow_nan=True))
-    return labels, scores
+    ``kept``: dataset positions; ``offsets``: (B+1,) int64 step offsets; ``labels``/``scores``: the validity values
+    (``scores`` None: not kept); ``invalid``: indices into kept of invalid predictions; ``redundancy_rows``: indices
+    into kept of the predictions with redundancy values, ``redundancy_lengths`` their counts, ``redundancy_labels`` /
+    ``redundancy_scores`` (None: not kept) their values concatenated, placed at those predictions' first steps
+    (False / NaN at every other step)."""
+    num_samples, num_steps = len(kept), len(labels)
+    full_labels = full_scores = has_redundancy = None
+    if len(redundancy_rows):
+        cu = np.concatenate(([0], np.cumsum(redundancy_lengths)))
+        steps = torch.from_numpy(np.repeat(offsets[redundancy_rows] - cu[:-1], redundancy_lengths)
+                                 + np.arange(cu[-1], dtype=np.int64))
+        full_labels = torch.zeros(num_steps, dtype=torch.bool)
+        full_labels[steps] = torch.from_numpy(redundancy_labels)
+        if redundancy_scores is not None:
+            full_scores = torch.full((num_steps,), math.nan, dtype=torch.float64)
+            full_scores[steps] = torch.from_numpy(redundancy_scores)
+        has_redundancy = torch.zeros(num_samples, dtype=torch.bool)
+        has_redundancy[torch.from_numpy(redundancy_rows)] = True
+    valid = None
+    if len(invalid):
+        valid = torch.ones(num_samples, dtype=torch.bool)
+        valid[torch.from_numpy(invalid)] = False
+    return StepPredictions(
+        sample_pos=torch.from_numpy(kept),
+        cu_steps=torch.from_numpy(offsets.astype(np.int32)),
+        validity_labels=torch.from_numpy(labels),
+        validity_scores=None if scores is None else torch.from_numpy(scores),
+        redundancy_labels=full_labels,
+        redundancy_scores=full_scores,
+        has_redundancy=has_redundancy,
+        valid=valid,
+    )
 
 
 def _labels_array(labels: list, field: str, spans) -> np.ndarray:

@@ -138,7 +138,7 @@ def test_env_command_reports_versions_and_paths():
                              env=cpu_child_env())
     facts = json.loads(as_json.stdout)
     assert facts["torch"] == torch.__version__ and facts["python"] == ".".join(map(str, sys.version_info[:3]))
-    assert facts["extension"]["loaded"] and "CPU" in facts["extension"]["kernels"]
+    assert facts["extension"]["loaded"] and "CPU" in facts["extension"]["kernels"] and facts["extension"]["result_walk"]
     cpu = facts["paths"]["cpu"]
     assert cpu["step_confusion"] == "compiled CPU kernel (prmbench_fast._C)"
     assert cpu["attention"].startswith("one SDPA call per segment")
