@@ -133,10 +133,20 @@ class SampleSet(Sequence[SampleT]):
     @functools.cached_property
     def content_hash(self) -> str:
         """A hash of every sample's id, question, steps and error steps: what a sample's result depends on (a run
-        folder's identity). Computed once per set (~0.1 s for the full benchmark)."""
-        digest = hashlib.sha256()
-        for s in self.samples:
-            digest.update(json.dumps([s.id, s.question, s.steps, getattr(s, "error_steps", None)]).encode("utf-8"))
+        folder's identity). Computed once per set: the strings are hashed as one UTF-8 text followed by their lengths
+        (which make its split into strings unambiguous) and each sample's number of steps; the error steps as JSON
+        (~0.04 s for the full benchmark, 20 MB of text; one JSON document per sample took 0.1 s)."""
+        strings: list[str] = []
+        steps_per_sample = np.empty(len(self.samples), dtype=np.int64)
+        for i, s in enumerate(self.samples):
+            strings += (str(s.id), s.question)
+            strings += s.steps
+            steps_per_sample[i] = len(s.steps)
+        # surrogatepass: a lone surrogate (a JSON "\ud800" escape) is still a distinct, encodable string.
+        digest = hashlib.sha256("".join(strings).encode("utf-8", "surrogatepass"))
+        digest.update(np.fromiter(map(len, strings), dtype=np.int64, count=len(strings)).tobytes())
+        digest.update(steps_per_sample.tobytes())
+        digest.update(json.dumps([getattr(s, "error_steps", None) for s in self.samples]).encode("ascii"))
         return digest.hexdigest()[:16]
 
 

@@ -221,3 +221,34 @@ def test_blank_steps_are_kept_and_counted(tmp_path):
     ds = load_prmbench(path)
     assert ds.by_id["redundency_prm_test_p1_0"].steps == ("a", "  ", "c")
     assert ds.diagnostics.blank_steps == 1
+
+
+def test_content_hash_tells_apart_every_change_a_result_depends_on(full):
+    """The run identity's data hash: equal for equal content however the set was built, different when a character
+    moves across a field boundary, a step is split or dropped, or the error steps change."""
+    import dataclasses
+
+    from prmbench_fast.data import PRMBenchDataset
+
+    base = list(full.samples[:3])
+    first = base[0]
+    assert len(first.steps) >= 2
+
+    def varied(**changes):
+        return PRMBenchDataset([dataclasses.replace(first, **changes), *base[1:]]).content_hash
+
+    same = PRMBenchDataset([dataclasses.replace(s) for s in base]).content_hash
+    assert same == PRMBenchDataset(base).content_hash
+    s0, s1 = first.steps[0], first.steps[1]
+    variants = {
+        "a character moved from step 1 to step 2": varied(steps=(s0[:-1], s0[-1] + s1, *first.steps[2:])),
+        "a character moved from the question to step 1": varied(question=first.question[:-1],
+                                                                 steps=(first.question[-1] + s0, *first.steps[1:])),
+        "steps 1 and 2 joined": varied(steps=(s0 + s1, *first.steps[2:])),
+        "an empty step appended": varied(steps=(*first.steps, "")),
+        "error steps changed": varied(error_steps=(*first.error_steps, 99)),
+        "the id changed": varied(id=first.id + "x"),
+        "a lone surrogate in a step": varied(steps=(s0 + "\ud800", *first.steps[1:])),
+    }
+    assert same not in variants.values()
+    assert len(set(variants.values())) == len(variants), variants
