@@ -266,26 +266,8 @@ def step_rewards_reference(
     *,
     activation: str = "softmax",
 ) -> torch.Tensor:
-    """Step rewards from a small linear head applied to the hidden states at the step positions.
-
-    ``out = activation(hidden[step_pos] @ weight.T + bias)``, computed in fp32 whatever the input dtypes; logits of
-    the other T - S tokens are never computed.
-
-    The Llemma rule (sigmoid of the mean logit over the vocabulary) is this op with the (1, H) mean of the LM-head
-    rows and the mean of the LM-head bias, ``activation="sigmoid"``: mean(W h + b) = mean(W) h + mean(b)
-    (see :func:`mean_logit_head`). Math-shepherd's rule is this op with the LM-head rows of ("+", "-") and softmax.
-
-    Args:
-        hidden: (T, H), any float dtype, any strides. Final hidden states of the packed batch.
-        step_pos: (S,), int64. Global token indices of the step positions, each in [0, T) (not checked: an index out
-            of range raises here but reads unrelated memory in the Triton kernel).
-        weight: (C, H), any float dtype (may differ from hidden's), 1 <= C <= 4. Head weight.
-        bias: (C,), any float dtype, or None. Head bias.
-        activation: "softmax" (over the C classes), "sigmoid" (elementwise) or "none" (raw logits).
-
-    Returns:
-        (S, C), float32. Row i is the reward of the step read at token ``step_pos[i]``.
-    """
+    """The torch implementation of :func:`step_rewards` (same arguments, less ``backend``; same result): the step
+    rows gathered, projected in fp32 and activated; logits of the other T - S tokens are never computed."""
     _check_step_rewards_args(hidden, step_pos, weight, bias, activation)
     logits = hidden.index_select(0, step_pos).float() @ weight.float().T
     if bias is not None:
@@ -485,24 +467,9 @@ def step_token_probs_reference(
     *,
     lm_head_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Probabilities of given token ids under the softmax over the whole vocabulary, at the step positions only.
-
-    ``out[i, k] = softmax(hidden[step_pos[i]] @ lm_head_weight.T + lm_head_bias)[token_ids[k]]``, in fp32. This is
-    PRMBench's RLHFlow rule (P("+") over the full vocabulary). The Triton backend streams the LM head in vocabulary
-    tiles with an online log-sum-exp, holding no (S, V) buffer, and returns exp(logit_k - lse); the torch reference
-    builds the (S, V) fp32 logits of the step rows (never the (T, V) logits), converting the LM head to fp32 a slice
-    of rows at a time (never the whole head).
-
-    Args:
-        hidden: (T, H), any float dtype, any strides. Final hidden states of the packed batch.
-        step_pos: (S,), int64. Global token indices of the step positions, each in [0, T) (not checked).
-        lm_head_weight: (V, H), any float dtype (may differ from hidden's). The LM head.
-        token_ids: K >= 1 token ids in [0, V): a sequence of ints (preferred: no device sync) or a 1-D integer tensor.
-        lm_head_bias: (V,), any float dtype, or None. LM-head bias.
-
-    Returns:
-        (S, K), float32. Probabilities, not renormalised over the K ids; an id may repeat.
-    """
+    """The torch implementation of :func:`step_token_probs` (same arguments, less ``backend``; same result): the
+    (S, V) fp32 logits of the step rows (never the (T, V) logits), the LM head converted to fp32 a slice of rows at a
+    time (never the whole head)."""
     ids = _check_step_token_probs_args(hidden, step_pos, lm_head_weight, token_ids, lm_head_bias)
     rows = hidden.index_select(0, step_pos).float()
     V = lm_head_weight.shape[0]
