@@ -38,9 +38,9 @@ from common import environment_line  # noqa: E402
 import prmbench_fast  # noqa: E402
 from prmbench_fast import analysis, results_store, scoring, token_cache  # noqa: E402
 from prmbench_fast.families import Family  # noqa: E402
+from prmbench_fast.models import default_model_folder  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "prmbench" / "prmbench_preview.jsonl"
-TOKENIZER = pathlib.Path.home() / ".cache" / "prmbench_fast" / "SmolLM2-135M-Instruct"
 #: Targets of issue #20 for a 1.5B PRM on an H100: wall time / simulated forward time of the cold and warm calls, and
 #: what output_dir adds to the warm call's ratio.
 TARGETS = {"cold": 1.05, "warm": 1.02}
@@ -179,7 +179,8 @@ def one_call(model, tokenizer, dataset, sim: SimulatedDevice, *, output_dir=None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--tokenizer", default=str(TOKENIZER))
+    parser.add_argument("--tokenizer", default=None,
+                        help="a tokenizer folder (default: the embedded default model's, SmolLM2-135M-Instruct)")
     parser.add_argument("--params", type=float, default=1.5e9, help="simulated model's parameters (1.5e9, 7e9)")
     parser.add_argument("--tflops", type=float, default=400.0, help="effective TFLOP/s (H100 bf16: ~400)")
     parser.add_argument("--batch-tokens", type=int, default=16384)
@@ -196,7 +197,8 @@ def main() -> None:
     # is not, so score()'s attention registration would import it inside the first forward of the cold call.
     import transformers.modeling_utils  # noqa: F401
 
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
+    tokenizer_folder = args.tokenizer or default_model_folder()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_folder)
     dataset = prmbench_fast.load_prmbench(args.data)
     sim = SimulatedDevice()
     model = StubPRM(StubDecoder(sim, params=args.params, flops=args.tflops * 1e12, hidden=args.hidden), args.hidden)
@@ -210,7 +212,7 @@ def main() -> None:
     print(environment_line())
     with open("/proc/loadavg") as f:
         print(f"load average (1, 5, 15 min): {' '.join(f.read().split()[:3])}")
-    print(f"{len(dataset)} samples, generic family, tokenizer {pathlib.Path(args.tokenizer).name}; simulated "
+    print(f"{len(dataset)} samples, generic family, tokenizer {pathlib.Path(tokenizer_folder).name}; simulated "
           f"{args.params / 1e9:g}B model at {args.tflops:g} TFLOP/s, batch_tokens {args.batch_tokens}, "
           f"prefix sharing {'on' if args.share_prefixes else 'off'}\n")
     print(f"{'call':<12}{'wall s':>9}{'forward s':>11}{'ratio':>8}{'target':>8}  met")

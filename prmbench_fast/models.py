@@ -100,6 +100,17 @@ def load_default_model(dtype: torch.dtype = torch.float32, cache_dir: str | os.P
     """SmolLM2-135M-Instruct (a LlamaForCausalLM) and its tokenizer, offline. Returns (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    folder = default_model_folder(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model, tokenizer
+
+
+def default_model_folder(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The default model's plain transformers folder (model and tokenizer), written from its GGUF file on first use
+    (``cache_dir``, or the cache folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder = pathlib.Path(cache_dir) if cache_dir is not None else cache_root() / DEFAULT_MODEL_NAME
     if not (folder / "config.json").exists():
         source = _gguf_dir()
@@ -118,6 +129,4 @@ def load_default_model(dtype: torch.dtype = torch.float32, cache_dir: str | os.P
             shutil.rmtree(staging, ignore_errors=True)
             if not (folder / "config.json").exists():
                 raise
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return model, tokenizer
+    return folder
