@@ -61,7 +61,9 @@ def _steps(dataset: PRMBenchDataset, preds: StepPredictions) -> _Steps:
     if preds.valid is not None:
         keep &= preds.valid.numpy()
     _, first = np.unique(sample_pos, return_index=True)  # a repeated sample: the first prediction wins
-    keep &= np.isin(np.arange(len(sample_pos)), first)
+    first_mask = np.zeros(len(sample_pos), dtype=bool)
+    first_mask[first] = True
+    keep &= first_mask
     sample_of_step = np.repeat(np.arange(len(sample_pos)), counts)
     starts = preds.cu_steps.numpy().astype(np.int64)[:-1]
     position = np.arange(len(sample_of_step), dtype=np.int64) - starts[sample_of_step]
@@ -73,7 +75,7 @@ def _steps(dataset: PRMBenchDataset, preds: StepPredictions) -> _Steps:
     # Error membership by key lookup: (dataset position, 0-based step) pairs as one int64 key.
     width = int(max(position.max(initial=0), arrays.error_steps.max(initial=0))) + 1
     error_sample = np.repeat(np.arange(len(dataset), dtype=np.int64), np.diff(arrays.error_offsets))
-    is_error = np.isin(pos * width + position, error_sample * width + arrays.error_steps)
+    is_error = _member(pos * width + position, error_sample * width + arrays.error_steps)
 
     label = preds.scored_labels(torch.from_numpy(arrays.class_ids)).numpy()[step_keep]
     by_validity = np.ones(len(label), dtype=bool)
@@ -167,21 +169,39 @@ def score_histograms(steps: _Steps) -> dict[str, Any] | None:
 def error_position_distribution(dataset: PRMBenchDataset) -> dict[str, dict[str, Any]]:
     """The data's error steps by 1-based position, per domain, as a percentage of the domain's samples (the paper's
     figure): {domain: {"samples": n, "percent": {p: pct}}}. Every error step as the data lists it."""
+    arrays = dataset.arrays
+    class_of_error = np.repeat(arrays.class_ids, np.diff(arrays.error_offsets))
     out = {}
     for key, members in DOMAINS.items():
-        samples = [s for s in dataset.samples if s.classification in members]
+        ids = [CLASS_ID[c] for c in members]
+        samples = int(np.isin(arrays.class_ids, ids).sum())
         if not samples:
             continue
-        counts = np.bincount([e for s in samples for e in s.error_steps], minlength=1)
+        counts = np.bincount(arrays.error_steps[np.isin(class_of_error, ids)] + 1, minlength=1)
         out[DOMAIN_NAMES[key]] = {
-            "samples": len(samples),
-            "percent": {int(p): float(100.0 * counts[p] / len(samples)) for p in np.flatnonzero(counts)},
+            "samples": samples,
+            "percent": {int(p): float(100.0 * counts[p] / samples) for p in np.flatnonzero(counts)},
         }
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Threshold sweep
+
+
+def _member(values: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """``np.isin(values, of)`` for integer arrays, by binary search in the sorted ``of`` (np.isin's sort path imports
+    numpy.ma on its first call in a process, ~20 ms)."""
+    ordered = np.sort(of)
+    at = np.minimum(np.searchsorted(ordered, values), max(len(ordered) - 1, 0))
+    return ordered[at] == values if len(ordered) else np.zeros(len(values), dtype=bool)
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values of a NaN-free array, sorted: ``np.unique(values)``, without the numpy.ma import (~20 ms)
+    its first plain call in a process pays."""
+    ordered = np.sort(values)
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))] if len(ordered) else ordered
 
 
 def _counts_above(sorted_scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -275,7 +295,7 @@ def _labels_threshold(score: np.ndarray, label: np.ndarray,
 def _best_threshold(sweep: _Sweep) -> float:
     """The validity threshold of the best Overall PRMScore, the lowest of equal ones (``sweep.scores`` not empty).
     Every distinct score is a candidate (labels change only there), plus one below them all (every step positive)."""
-    distinct = np.unique(sweep.scores)
+    distinct = _distinct(sweep.scores)
     candidates = np.concatenate(([np.nextafter(distinct[0], -np.inf)], distinct))
     total = sweep.total_counts(candidates).astype(np.float64)
     f1, nf1 = _f1_arrays(*total.T)
@@ -315,7 +335,7 @@ def threshold_sweep(steps: _Steps, classes_present, validity_threshold: float | 
     if len(sweep.scores) == 0:
         return {"applicable": False, "reason": "no validity-scored step on a non-correct sample"}
     best = _best_threshold(sweep)
-    curve = np.unique(np.concatenate((np.quantile(sweep.scores, np.linspace(0, 1, SWEEP_POINTS), method="lower"),
+    curve = _distinct(np.concatenate((np.quantile(sweep.scores, np.linspace(0, 1, SWEEP_POINTS), method="lower"),
                                       [run_threshold, best])))
     rows = [_table_from_counts(c, classes_present) for c in sweep.counts(curve)]
     at = {float(t): row for t, row in zip(curve, rows)}
@@ -361,8 +381,8 @@ def bootstrap_intervals(dataset: PRMBenchDataset, report, *, seed: int, replicat
     scored = class_id != CLASS_ID[CORRECT]
     positions, class_id = positions[scored], class_id[scored]
     counts = report.sample_counts.cpu().numpy()[scored, :4]
-    problems = np.array([dataset.samples[p].source_idx for p in positions])
-    _, problem = np.unique(problems, return_inverse=True)
+    # Problems numbered in source_idx order among the scored ones (the seeded draws depend on the numbering).
+    _, problem = np.unique(dataset.arrays.problem_ids[positions], return_inverse=True)
     per_problem = np.zeros((problem.max(initial=-1) + 1, len(ALL_CLASSES), 4), dtype=np.int64)
     np.add.at(per_problem, (problem, class_id), counts)
     classes_present = [c for c in ERROR_CLASSES if c in report.official["hallucination_type_results"]["f1"]]
@@ -532,7 +552,7 @@ def processbench_calibration(dataset, preds: StepPredictions, *, validity_thresh
     split_of = np.array([s.split for s in dataset.samples])
     is_error = np.array([s.label != -1 for s in dataset.samples])
     splits = [s for s in dataset.splits if predicted[split_of == s].any()]
-    finite = np.unique(scores[np.isfinite(scores)])
+    finite = _distinct(scores[np.isfinite(scores)])
     if len(finite) == 0:
         return {"applicable": False, "reason": "no finite validity score"}
     # F1 changes only at scores (every interval's ends are scores or infinite, closed below): one candidate per
@@ -548,7 +568,7 @@ def processbench_calibration(dataset, preds: StepPredictions, *, validity_thresh
             for s in splits for k in [_best(on_candidates[s])]}
     chosen = calibrate_on if calibrate_on in splits else splits[0]
     calibrated = best[chosen]["threshold"]
-    points = np.unique(np.concatenate((np.quantile(finite, np.linspace(0, 1, SWEEP_POINTS), method="lower"),
+    points = _distinct(np.concatenate((np.quantile(finite, np.linspace(0, 1, SWEEP_POINTS), method="lower"),
                                        [run_threshold, calibrated])))
     f1 = curves(points)
     average = [sum(f1[s][k] for s in splits) / len(splits) for k in range(len(points))]

@@ -209,7 +209,8 @@ class DatasetArrays:
 
     ``error_steps`` holds every sample's error steps 0-based, concatenated, with ``error_offsets`` (len + 1);
     ``first_error`` is the smallest 0-based error step, -1 for a sample without error steps; ``partner_position``
-    is the position of the sample's ``correct`` partner, -1 where there is none in the dataset.
+    is the position of the sample's ``correct`` partner, -1 where there is none in the dataset; ``problem_ids`` rank
+    the source problems in the order of their ``source_idx`` strings.
     """
 
     step_counts: np.ndarray
@@ -218,6 +219,7 @@ class DatasetArrays:
     error_offsets: np.ndarray
     first_error: np.ndarray
     partner_position: np.ndarray
+    problem_ids: np.ndarray  # the sample's source problem (source_idx) as its rank among the distinct ones
     # Python lists, indexed per prediction in the evaluator's loop:
     is_correct: list[bool]
     redundancy_rule: list[bool]  # classes scored by NOT(redundancy label) when a prediction has those labels
@@ -233,6 +235,8 @@ class DatasetArrays:
             error_offsets=np.cumsum([0] + [len(s.error_steps) for s in samples], dtype=np.int64),
             first_error=np.array([min(s.error_steps) - 1 if s.error_steps else -1 for s in samples], dtype=np.int64),
             partner_position=np.array([position.get(s.partner_id, -1) for s in samples], dtype=np.int64),
+            problem_ids=np.unique(np.array([s.source_idx for s in samples], dtype=str), return_inverse=True)[1]
+            .astype(np.int64).reshape(len(samples)),
             is_correct=[s.classification == CORRECT for s in samples],
             redundancy_rule=[s.classification in REDUNDANCY_CLASSES for s in samples],
         )
