@@ -36,7 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import environment_line  # noqa: E402
 
 import prmbench_fast  # noqa: E402
-from prmbench_fast import analysis, results_store, scoring, token_cache  # noqa: E402
+from prmbench_fast import analysis, results_store, scoring, token_cache, varlen_attention  # noqa: E402
 from prmbench_fast.families import Family  # noqa: E402
 from prmbench_fast.models import default_model_folder  # noqa: E402
 
@@ -153,6 +153,12 @@ def one_call(model, tokenizer, dataset, sim: SimulatedDevice, *, output_dir=None
         timers.wrap(stack, analysis, "analyze", "analyses")
         timers.wrap(stack, results_store.ResultsStore, "write_report", "report")
         timers.wrap(stack, results_store.ResultsStore, "append", "result lines (writer thread)")
+        # The attention plan an H100 takes (flash varlen for a bf16 model; prefix sharing then builds key indices and
+        # offsets per call, never the per-segment dense masks of the CPU's SDPA path). The stub runs no attention, so
+        # only the plan's host work is measured.
+        original_backend = varlen_attention.auto_backend
+        varlen_attention.auto_backend = lambda device, dtype, head_dim: "varlen"
+        stack.callback(setattr, varlen_attention, "auto_backend", original_backend)
         # The results file's device-to-host copy completes when the simulated queue reaches it.
         original_copy = scoring._host_copy
         scoring._host_copy = lambda part: (part, sim.event())
