@@ -315,8 +315,7 @@ extern "C" PyObject* prmbench_fast_flat_from_results(PyObject* /*self*/, PyObjec
   }
   const Keys* keys = field_names();
   if (keys == nullptr) return nullptr;
-  Py_ssize_t count = PyList_Size(results);
-  if (ids != Py_None && (!PyList_CheckExact(ids) || PyList_Size(ids) != count)) {
+  if (ids != Py_None && (!PyList_CheckExact(ids) || PyList_Size(ids) != PyList_Size(results))) {
     PyErr_SetString(PyExc_ValueError, "flat_from_results: ids must be None or a list as long as results");
     return nullptr;
   }
@@ -324,15 +323,24 @@ extern "C" PyObject* prmbench_fast_flat_from_results(PyObject* /*self*/, PyObjec
   if (unknown == nullptr) return nullptr;
   Flattener flattener(*keys, position, PyBytes_AsString(rule), PyBytes_Size(rule), validity_threshold,
                       redundancy_threshold, keep_scores != 0, unknown);
-  for (Py_ssize_t i = 0; i < count; ++i) {
+  for (Py_ssize_t i = 0; i < PyList_Size(results); ++i) {
+    // Strong references while a result is walked: a non-str key's Python __eq__, run by a dict lookup, could change
+    // the lists (the walk does not try to be correct then, only not to read freed memory through these two).
     PyObject* result = PyList_GetItem(results, i);
-    PyObject* sample_id;
-    if (ids == Py_None) {  // a list of results carrying their ids
-      sample_id = PyDict_CheckExact(result) ? PyDict_GetItemWithError(result, keys->idx) : nullptr;
-    } else {
-      sample_id = PyList_GetItem(ids, i);
+    PyObject* sample_id = nullptr;
+    if (result != nullptr) {
+      Py_INCREF(result);
+      if (ids == Py_None) {  // a list of results carrying their ids
+        sample_id = PyDict_CheckExact(result) ? PyDict_GetItemWithError(result, keys->idx) : nullptr;
+      } else {
+        sample_id = PyList_GetItem(ids, i);
+      }
+      Py_XINCREF(sample_id);
     }
-    if (sample_id == nullptr || !flattener.add(sample_id, result)) {
+    bool walked = sample_id != nullptr && flattener.add(sample_id, result);
+    Py_XDECREF(sample_id);
+    Py_XDECREF(result);
+    if (!walked) {
       PyErr_Clear();
       Py_DECREF(unknown);
       Py_RETURN_NONE;
