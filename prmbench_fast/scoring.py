@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import analysis
 from .data import PRMBenchDataset, load_prmbench
 from .distributed import gather_predictions, rank_and_world
 from .engines import check_engine
@@ -331,9 +332,13 @@ def score(
         # FSDP2's layer groups all-gather inside each backbone forward, a collective: a rank with fewer batches runs
         # padding forwards until it has run as many as the busiest rank.
         with sharded.forwards(len(units) if isinstance(units, list) else None) as padding, _inference(model):
+            analyses_ahead = store is not None and rank == 0 and task == "prmbench"
             for unit in (units if share else _on_device(units, device)):
                 run.batch(model, unit, share=share, device=device, max_length=max_length, batch_tokens=batch_tokens,
                           backend=backend)
+                if analyses_ahead:  # the run folder's analyses' imports, once the first forward is queued
+                    analysis.import_in_background()
+                    analyses_ahead = False
             sharded.pad(padding, device)
         run.finish(device)
         tokens = run.tokens
@@ -363,9 +368,7 @@ def score(
         }
         if store is not None and rank == 0:
             if isinstance(report, Report):  # a run folder carries the analyses its report page draws
-                from .analysis import analyze
-
-                report.analysis = analyze(dataset, report, validity_threshold=fam.validity_threshold)
+                report.analysis = analysis.analyze(dataset, report, validity_threshold=fam.validity_threshold)
             store.write_report(report)
     return report
 
