@@ -135,7 +135,7 @@ class SampleSet(Sequence[SampleT]):
         """A hash of every sample's id, question, steps and error steps: what a sample's result depends on (a run
         folder's identity). Computed once per set: the strings are hashed as one UTF-8 text followed by their lengths
         (which make its split into strings unambiguous) and each sample's number of steps; the error steps as JSON
-        (~0.04 s for the full benchmark, 20 MB of text; one JSON document per sample took 0.1 s)."""
+        (~0.05 s for the full benchmark's 8.5M characters; one JSON document per sample took 0.1 s)."""
         strings: list[str] = []
         steps_per_sample = np.empty(len(self.samples), dtype=np.int64)
         for i, s in enumerate(self.samples):
@@ -220,9 +220,11 @@ class DatasetArrays:
     first_error: np.ndarray
     partner_position: np.ndarray
     problem_ids: np.ndarray  # the sample's source problem (source_idx) as its rank among the distinct ones
-    # Python lists, indexed per prediction in the evaluator's loop:
+    # Indexed per prediction in the evaluator's Python loop:
     is_correct: list[bool]
-    redundancy_rule: list[bool]  # classes scored by NOT(redundancy label) when a prediction has those labels
+    # 1 for the classes scored by NOT(redundancy label) when a prediction has those labels: bytes, which the Python
+    # loop indexes and the compiled walk of parse_results reads as they are.
+    redundancy_rule: bytes
 
     @classmethod
     def of(cls, samples: Sequence[Sample]) -> "DatasetArrays":
@@ -238,7 +240,7 @@ class DatasetArrays:
             problem_ids=np.unique(np.array([s.source_idx for s in samples], dtype=str), return_inverse=True)[1]
             .astype(np.int64).reshape(len(samples)),
             is_correct=[s.classification == CORRECT for s in samples],
-            redundancy_rule=[s.classification in REDUNDANCY_CLASSES for s in samples],
+            redundancy_rule=bytes(s.classification in REDUNDANCY_CLASSES for s in samples),
         )
 
     def gather_errors(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

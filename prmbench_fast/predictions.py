@@ -341,8 +341,8 @@ def parse_results(
                          redundancy_threshold=redundancy_threshold, keep_scores=keep_scores)
 
 
-def _redundancy_rule(dataset) -> list[bool] | bytes:
-    """Per sample: whether the NR/NCL redundancy rule applies (only PRMBench samples have it; a BoN set has no
+def _redundancy_rule(dataset) -> bytes:
+    """Per sample, 1 where the NR/NCL redundancy rule applies (only PRMBench samples have it; a BoN set has no
     classes)."""
     arrays = getattr(dataset, "arrays", None)
     return arrays.redundancy_rule if arrays is not None else bytes(len(dataset))
@@ -366,7 +366,7 @@ def _parse_compiled(dataset, results, validity_threshold, redundancy_threshold, 
         ids, values = None, results
     else:
         return None
-    arrays = walk(ids, values, dataset.position, bytes(_redundancy_rule(dataset)), validity_threshold,
+    arrays = walk(ids, values, dataset.position, _redundancy_rule(dataset), validity_threshold,
                   redundancy_threshold, keep_scores)
     if arrays is None:
         return None
