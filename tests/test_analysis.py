@@ -234,3 +234,32 @@ def test_full_benchmark_sweep_equals_the_table_and_baselines_are_the_official_on
     assert round(analysis["baselines"]["all_negative"]["Overall"], 1) == 13.6
     for entry in analysis["intervals"]["columns"].values():
         assert entry["low"] <= entry["value"] <= entry["high"]
+
+
+def test_best_threshold_equals_a_search_over_every_candidate():
+    """The merged-order search against one count per candidate by the per-class sweep and the evaluator's formulas,
+    on random steps with many ties, +-inf scores, redundancy-fixed labels and every class."""
+    from prmbench_fast.analysis import _best_threshold, _Steps, _Sweep
+
+    rng = np.random.default_rng(7)
+    error_ids = [ALL_CLASSES.index(c) for c in ERROR_CLASSES]
+    checked = 0
+    for _ in range(200):
+        n = int(rng.integers(1, 120))
+        values = np.concatenate((rng.integers(-4, 5, size=6) * 0.25, [np.inf, -np.inf][:int(rng.integers(0, 3))]))
+        score = rng.choice(values, size=n)
+        steps = _Steps(class_id=rng.integers(0, len(ALL_CLASSES), size=n), position=np.zeros(n, dtype=np.int64),
+                       in_range=np.ones(n, dtype=bool), is_error=rng.random(n) < 0.4, label=rng.random(n) < 0.5,
+                       by_validity=rng.random(n) < 0.9, score=score)
+        sweep = _Sweep(steps)
+        if not len(sweep.scores):
+            continue
+        distinct = sorted(set(sweep.scores.tolist()))
+        candidates = [np.nextafter(distinct[0], -np.inf), *distinct]
+        overall = []
+        for counts in sweep.counts(np.array(candidates)):
+            f1 = f1_metrics(*(int(v) for v in counts[error_ids].sum(axis=0)))
+            overall.append(0.5 * f1["f1"] + 0.5 * f1["negative_f1"])
+        assert _best_threshold(sweep) == candidates[overall.index(max(overall))]
+        checked += 1
+    assert checked > 150
