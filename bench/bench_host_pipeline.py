@@ -159,6 +159,11 @@ def one_call(model, tokenizer, dataset, sim: SimulatedDevice, *, output_dir=None
         original_backend = varlen_attention.auto_backend
         varlen_attention.auto_backend = lambda device, dtype, head_dim: "varlen"
         stack.callback(setattr, varlen_attention, "auto_backend", original_backend)
+        # The analyses' head start a run folder's accelerator run takes during the forwards (the stub's weights are
+        # on the CPU, where the trivial baselines wait for the end: analysis.prepare_in_background).
+        original_prepare = analysis.prepare_in_background
+        analysis.prepare_in_background = lambda data, device: original_prepare(data, torch.device("cuda"))
+        stack.callback(setattr, analysis, "prepare_in_background", original_prepare)
         # The results file's device-to-host copy completes when the simulated queue reaches it.
         original_copy = scoring._host_copy
         scoring._host_copy = lambda part: (part, sim.event())

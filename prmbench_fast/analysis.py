@@ -26,12 +26,16 @@ import torch
 from . import ratios as metrics
 from .classes import ALL_CLASSES, CLASS_ABBREVIATIONS, CLASS_ID, CORRECT, DOMAIN_NAMES, DOMAINS, ERROR_CLASSES, REDUNDANCY_CLASSES
 from .data import PRMBenchDataset
+from .host_threads import single_threaded
 from .predictions import StepPredictions
 
 #: Points of the threshold sweep curve (quantiles of the scores), besides the run's threshold.
 SWEEP_POINTS = 101
 #: Bins of the score histograms (correct vs error steps).
 HISTOGRAM_BINS = 40
+#: The bootstrap intervals' seed and replicates unless analyze() is told otherwise.
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_REPLICATES = 1000
 _MS = CLASS_ID["multi_solutions"]
 
 
@@ -54,7 +58,11 @@ class _Steps:
 
 
 def _steps(dataset: PRMBenchDataset, preds: StepPredictions) -> _Steps:
-    preds = preds.to("cpu")
+    with single_threaded("cpu", preds.num_steps):  # a few torch ops on ~100k steps (prmbench_fast.host_threads)
+        return _steps_of(dataset, preds.to("cpu"))
+
+
+def _steps_of(dataset: PRMBenchDataset, preds: StepPredictions) -> _Steps:
     arrays = dataset.arrays
     sample_pos = preds.sample_pos.numpy()
     counts = preds.step_counts().numpy()
@@ -131,21 +139,29 @@ def positive_bias(steps: _Steps, official: dict[str, Any]) -> dict[str, Any]:
     """Per class and overall: on correct steps and on error steps, how many, the mean score (steps with a finite
     score) and the positive-label rate; plus the official similarity (mean |response rate − clean partner's response
     rate|)."""
-    out: dict[str, Any] = {}
     similarity = official["hallucination_type_results"]["similarity"]
     classes = [c for c in ERROR_CLASSES if c in similarity]
-    for name, of_class in [*((c, steps.class_id == CLASS_ID[c]) for c in classes), ("overall", None)]:
-        base = steps.counted if of_class is None else steps.counted & of_class
-        entry: dict[str, Any] = {}
-        for kind, mask in (("correct_steps", base & ~steps.is_error), ("error_steps", base & steps.is_error)):
-            scored = mask & np.isfinite(steps.score)  # a mean with an infinite score says nothing
-            entry[kind] = {
-                "steps": int(mask.sum()),
-                "mean_score": _mean_or_none(steps.score[scored].sum(), int(scored.sum())),
-                "positive_rate": _mean_or_none(steps.label[mask].sum(), int(mask.sum())),
+    out: dict[str, Any] = {name: {} for name in (*classes, "overall")}
+    for kind, mask in (("correct_steps", steps.counted & ~steps.is_error), ("error_steps", steps.counted & steps.is_error)):
+        # Each class's steps as one slice, in flat order (a stable sort by class): the same sums, in the same order,
+        # as masking the whole array once per class; "overall" sums them all in flat order.
+        class_id, flat_score, flat_label = steps.class_id[mask], steps.score[mask], steps.label[mask]
+        order = np.argsort(class_id, kind="stable")
+        bounds = np.searchsorted(class_id[order], np.arange(len(ALL_CLASSES) + 1))
+        by_class = flat_score[order], flat_label[order]
+        for name in out:
+            if name == "overall":
+                (lo, hi), (score, label) = (0, len(order)), (flat_score, flat_label)
+            else:
+                (lo, hi), (score, label) = bounds[CLASS_ID[name]:CLASS_ID[name] + 2], by_class
+            scored = score[lo:hi][np.isfinite(score[lo:hi])]  # a mean with an infinite score says nothing
+            out[name][kind] = {
+                "steps": int(hi - lo),
+                "mean_score": _mean_or_none(scored.sum(), len(scored)),
+                "positive_rate": _mean_or_none(label[lo:hi].sum(), int(hi - lo)),
             }
-        entry["similarity"] = official["total_hallucination_results"]["similarity"] if of_class is None else similarity[name]
-        out[name] = entry
+    for name, entry in out.items():
+        entry["similarity"] = official["total_hallucination_results"]["similarity"] if name == "overall" else similarity[name]
     return out
 
 
@@ -380,6 +396,36 @@ def _tables_from_counts(counts: np.ndarray, classes_present) -> dict[str, np.nda
     return {column: out[column] for column in metrics.TABLE_COLUMNS}
 
 
+#: The draws of the last (problems, seed, replicates) asked for: a training loop analyses the same set at every
+#: evaluation, and score() draws them during the forwards (:func:`prepare_in_background`).
+_WEIGHTS: dict[tuple[int, int, int], np.ndarray] = {}
+_weights_lock = threading.Lock()
+
+
+def _draw_weights(problems: int, seed: int, replicates: int) -> np.ndarray:
+    """(replicates, problems) float64, read-only: how often each replicate drew each problem, drawing ``problems``
+    problems uniformly with replacement (a multinomial, counted with one bincount: ~4x faster than numpy's multinomial
+    at 6k problems)."""
+    key = (problems, seed, replicates)
+    with _weights_lock:  # a caller beside prepare_in_background's thread waits for its draws instead of repeating them
+        if key not in _WEIGHTS:
+            draws = np.random.default_rng(seed).integers(0, problems, size=(replicates, problems))
+            draws += np.arange(replicates)[:, None] * problems
+            weights = np.bincount(draws.ravel(), minlength=replicates * problems).reshape(replicates, problems)
+            weights = weights.astype(np.float64)
+            weights.flags.writeable = False
+            _WEIGHTS.clear()
+            _WEIGHTS[key] = weights
+        return _WEIGHTS[key]
+
+
+def _problems_with_errors(dataset: PRMBenchDataset) -> int:
+    """The source problems the bootstrap resamples when every sample of ``dataset`` is scored: those of its
+    non-correct samples."""
+    arrays = dataset.arrays
+    return len(_distinct(arrays.problem_ids[arrays.class_ids != CLASS_ID[CORRECT]]))
+
+
 def bootstrap_intervals(dataset: PRMBenchDataset, report, *, seed: int, replicates: int) -> dict[str, Any]:
     """95% percentile intervals of every leaderboard column, resampling source problems (all variants of a problem
     together) with replacement, seeded."""
@@ -396,14 +442,9 @@ def bootstrap_intervals(dataset: PRMBenchDataset, report, *, seed: int, replicat
     classes_present = [c for c in ERROR_CLASSES if c in report.official["hallucination_type_results"]["f1"]]
     columns = {}
     if len(per_problem) and replicates > 0:
-        # Each replicate draws len(per_problem) problems uniformly with replacement; a problem's weight is how often
-        # it was drawn (a multinomial, counted with one bincount: ~4x faster than numpy's multinomial at 6k problems).
-        n = len(per_problem)
-        draws = np.random.default_rng(seed).integers(0, n, size=(replicates, n))
-        draws += np.arange(replicates)[:, None] * n
-        weights = np.bincount(draws.ravel(), minlength=replicates * n).reshape(replicates, n)
+        weights = _draw_weights(len(per_problem), seed, replicates)
         # Integer counts below 2**53: the float64 product is exact.
-        resampled = (weights.astype(np.float64) @ per_problem.reshape(len(per_problem), -1).astype(np.float64))
+        resampled = weights @ per_problem.reshape(len(per_problem), -1).astype(np.float64)
         tables = _tables_from_counts(resampled.reshape(replicates, len(ALL_CLASSES), 4), classes_present)
         for column, values in tables.items():
             if values is not None:
@@ -418,42 +459,56 @@ def bootstrap_intervals(dataset: PRMBenchDataset, report, *, seed: int, replicat
 
 #: Baselines per dataset object: a training loop analyses the same (subset) dataset at every evaluation.
 _BASELINES: "weakref.WeakKeyDictionary[PRMBenchDataset, dict]" = weakref.WeakKeyDictionary()
+_baselines_lock = threading.Lock()
 
 
 def trivial_baselines(dataset: PRMBenchDataset) -> dict[str, dict[str, float | None]]:
     """The leaderboard rows of the all-positive and all-negative predictors on this data, by the evaluator."""
-    if dataset not in _BASELINES:
-        from .evaluate import evaluate  # here: evaluate.py may import this module
+    with _baselines_lock:  # as _draw_weights: a second caller waits for the first one's rows
+        if dataset not in _BASELINES:
+            from .evaluate import evaluate  # here: evaluate.py may import this module
 
-        step_counts = torch.from_numpy(dataset.arrays.step_counts)
-        cu_steps = torch.zeros(len(dataset) + 1, dtype=torch.int32)
-        cu_steps[1:] = step_counts.cumsum(0)
-        rows = {}
-        for name, label in (("all_positive", True), ("all_negative", False)):
-            preds = StepPredictions(torch.arange(len(dataset)), cu_steps, torch.full((int(cu_steps[-1]),), label))
-            rows[name] = evaluate(dataset, preds).table
-        _BASELINES[dataset] = rows
-    return {name: dict(row) for name, row in _BASELINES[dataset].items()}
-
-
-def import_in_background() -> None:
-    """Import, on a daemon thread, what the analyses' first call in a process would import: numpy.random (the
-    bootstrap) and numpy.ma (numpy's quantile and unique import it on first use), ~25 ms together. score() calls this
-    when its run folder will want the analyses, so the imports run during the forwards, not after the last one."""
-    threading.Thread(target=_import_numpy_parts, name="prmbench-analysis-imports", daemon=True).start()
+            step_counts = torch.from_numpy(dataset.arrays.step_counts)
+            cu_steps = torch.zeros(len(dataset) + 1, dtype=torch.int32)
+            cu_steps[1:] = step_counts.cumsum(0)
+            rows = {}
+            for name, label in (("all_positive", True), ("all_negative", False)):
+                preds = StepPredictions(torch.arange(len(dataset)), cu_steps, torch.full((int(cu_steps[-1]),), label))
+                rows[name] = evaluate(dataset, preds).table
+            _BASELINES[dataset] = rows
+        baselines = _BASELINES[dataset]
+    return {name: dict(row) for name, row in baselines.items()}
 
 
-def _import_numpy_parts() -> None:
+def prepare_in_background(dataset: PRMBenchDataset, device: torch.device) -> None:
+    """Do, on a daemon thread, what :func:`analyze` would do first after the last forward and needs the data only:
+    the first-use imports of numpy.random (the bootstrap) and numpy.ma (numpy's quantile), ~25 ms; the bootstrap's
+    draws for the whole set, ~15 ms; and, when the model is not on the CPU, the trivial baselines, ~25 ms (they run
+    the evaluator in torch with one intra-op thread, :mod:`prmbench_fast.host_threads`, which on a CPU run would take
+    threads from the forwards). score() calls this once the first forward of a run folder's run is queued."""
+    threading.Thread(target=_prepare, args=(dataset, device.type != "cpu"), name="prmbench-analysis-prepare",
+                     daemon=True).start()
+
+
+def _prepare(dataset: PRMBenchDataset, baselines: bool) -> None:
     import numpy.ma  # noqa: F401
     import numpy.random  # noqa: F401
+
+    try:
+        dataset.position  # noqa: B018 the id -> position table the bootstrap reads, ~3 ms to build
+        _draw_weights(_problems_with_errors(dataset), BOOTSTRAP_SEED, BOOTSTRAP_REPLICATES)
+        if baselines:
+            trivial_baselines(dataset)
+    except Exception:  # noqa: BLE001 only a head start: analyze() computes what is missing and raises there
+        pass
 
 
 def analyze(
     dataset: PRMBenchDataset,
     report,
     *,
-    seed: int = 0,
-    bootstrap: int = 1000,
+    seed: int = BOOTSTRAP_SEED,
+    bootstrap: int = BOOTSTRAP_REPLICATES,
     validity_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Every analysis of a run (module docstring), as a JSON-ready dict.

@@ -336,8 +336,8 @@ def score(
             for unit in (units if share else _on_device(units, device)):
                 run.batch(model, unit, share=share, device=device, max_length=max_length, batch_tokens=batch_tokens,
                           backend=backend)
-                if analyses_ahead:  # the run folder's analyses' imports, once the first forward is queued
-                    analysis.import_in_background()
+                if analyses_ahead:  # the run folder's analyses' data-only work, once the first forward is queued
+                    analysis.prepare_in_background(dataset, device)
                     analyses_ahead = False
             sharded.pad(padding, device)
         run.finish(device)

@@ -4,6 +4,7 @@ official evaluator's numbers where it must reproduce them (the sweep at the run'
 import random
 
 import numpy as np
+import torch
 import pytest
 
 from prmbench_fast.testing.official_oracle import evaluate_official
@@ -263,3 +264,39 @@ def test_best_threshold_equals_a_search_over_every_candidate():
         assert _best_threshold(sweep) == candidates[overall.index(max(overall))]
         checked += 1
     assert checked > 150
+
+
+def _prepare_and_wait(dataset, device):
+    import threading
+
+    from prmbench_fast import analysis
+
+    analysis.prepare_in_background(dataset, torch.device(device))
+    for thread in threading.enumerate():
+        if thread.name == "prmbench-analysis-prepare":
+            thread.join()
+
+
+def test_prepare_in_background_is_a_head_start_only():
+    """What score() starts during the forwards leaves the bootstrap draws of the whole set and, off the CPU, the
+    baselines where analyze() finds them, and analyze() gives what it gives from nothing."""
+    from prmbench_fast import analysis
+
+    dataset = hand_dataset()
+    results = [{"idx": s.id, "scores": {"step_level_validity_scores": [0.1 * (i % 10) for i in range(len(s.steps))],
+                                        "step_level_validity_labels": [i % 10 > 5 for i in range(len(s.steps))]}}
+               for s in dataset]
+    report = evaluate(dataset, results, keep_scores=True)
+    analysis._WEIGHTS.clear()
+    analysis._BASELINES.pop(dataset, None)
+    cold = analyze(dataset, report)
+    analysis._WEIGHTS.clear()
+    analysis._BASELINES.pop(dataset, None)
+
+    _prepare_and_wait(dataset, "cpu")  # the evaluator's single intra-op thread would slow a CPU model's forwards
+    assert list(analysis._WEIGHTS) == [(3, analysis.BOOTSTRAP_SEED, analysis.BOOTSTRAP_REPLICATES)]
+    assert dataset not in analysis._BASELINES
+    _prepare_and_wait(dataset, "meta")  # any device but the CPU
+    assert dataset in analysis._BASELINES
+    assert analyze(dataset, report) == cold
+    assert cold["intervals"]["problems"] == 3
