@@ -39,6 +39,7 @@ from .evaluate import Report, evaluate
 from .tasks import check_task_dataset
 from .families.text import clean_step
 from .io import FileWriteError
+from .progress import progress_bar
 from .results_store import ResultsStore, ordered_predictions
 
 RESPONSES_FILE = "responses.jsonl"
@@ -417,24 +418,6 @@ class _ResponseLog:
         self.file.close()
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled and total:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="sample", desc="prmbench critic", dynamic_ncols=True)
-
-    def update(self, invalid: int) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(invalid=invalid, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def score_critic(
     dataset: PRMBenchDataset | None = None,
     *,
@@ -577,7 +560,7 @@ def _ask_and_evaluate(dataset: Any, ask: _Asker, store: ResultsStore | None, *, 
         responses = _ResponseLog(store.dir / RESPONSES_FILE)
     todo = [s for s in dataset.samples if s.id not in finished]
 
-    bar = _Progress(len(todo), progress)
+    bar = progress_bar(progress, unit="sample", desc="prmbench critic", total=len(todo))
     new_results: list[dict[str, Any]] = []
     requests = unparseable = unanswered = prompt_tokens = completion_tokens = 0
     start = time.perf_counter()
@@ -592,7 +575,8 @@ def _ask_and_evaluate(dataset: Any, ask: _Asker, store: ResultsStore | None, *, 
                 responses.write(sample.id, outcome)
                 store.append([outcome.result])
             new_results.append(outcome.result)
-            bar.update(unparseable + unanswered)
+            bar.set_postfix(invalid=unparseable + unanswered, refresh=False)
+            bar.update(1)
     finally:
         ask.stop.set()
         bar.close()

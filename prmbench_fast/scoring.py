@@ -34,6 +34,7 @@ from .models import check_device, check_model_folder
 from .packing import PackedBatch, TokenizedSample, backbone_hidden_states
 from .predictions import StepPredictions, parse_results
 from .prefix_sharing import prefix_sharing_unsupported, shared_step_hidden
+from .progress import progress_bar
 from .results_store import ResultsStore, ResultsWriter
 from .tasks import check_task_dataset, get_task
 from .token_cache import encode_chunks, streamed_batches
@@ -158,25 +159,6 @@ def _in_background(items: Iterable, depth: int = 2) -> Iterator:
     finally:
         stop.set()
         thread.join()
-
-
-class _Progress:
-    """Tokens scored and tokens/s on stderr (rank 0 only). No total: the batches are formed while the forwards run."""
-
-    def __init__(self, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(unit="tok", unit_scale=True, desc="prmbench", dynamic_ncols=True)
-
-    def update(self, tokens: int) -> None:
-        if self.bar is not None:
-            self.bar.update(tokens)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def score(
@@ -427,7 +409,8 @@ class _Run:
         self.parts: list[StepPredictions] = []
         self.tokens_computed = 0
         self.dropped: list[int] = []  # rewards lost to truncation, per sample
-        self.bar = _Progress(progress)
+        # No total: the batches are formed while the forwards run.
+        self.bar = progress_bar(progress, unit="tok")
         self.start = time.perf_counter()
         self.seconds = 0.0
 

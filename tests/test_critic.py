@@ -109,9 +109,12 @@ DATASET = PRMBenchDataset([s for s, _, _ in CASES])
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def test_scripted_answers_give_the_official_results_and_report(cases_server, tmp_path):
+def test_scripted_answers_give_the_official_results_and_report(cases_server, tmp_path, capsys):
     report = score_critic(DATASET, api_base=cases_server.url, api_model="critic-test", api_key="k",
-                          max_retries=MAX_RETRIES, **{**FAST, "timeout": TIMEOUT}, output_dir=tmp_path)
+                          max_retries=MAX_RETRIES, **{**FAST, "timeout": TIMEOUT, "progress": True}, output_dir=tmp_path)
+    # The progress bar: one tick per sample, the invalid ones so far beside it.
+    bar = capsys.readouterr().err
+    assert "prmbench critic: 100%" in bar and f"{len(DATASET)}/{len(DATASET)}" in bar and "invalid=3" in bar
     expected = {s.id: expected_result(c) for c in CASES for s in [c[0]]}
     assert report.predictions == expected
     assert report.official == evaluate(DATASET, expected).official

@@ -318,3 +318,19 @@ def test_public_api_is_the_function_and_import_is_light():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cpu_child_env())
     assert result.returncode == 0, result.stderr
+
+
+def test_progress_bar_counts_the_tokens_scored(subset, tokenizer, classifier, capsys):
+    from tqdm import tqdm
+
+    from prmbench_fast.progress import progress_bar
+
+    report = score(classifier, subset, tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH, progress=True)
+    bar = capsys.readouterr().err
+    scaled = tqdm.format_sizeof(report.run["tokens"])  # e.g. 5.63k
+    assert bar.startswith("\rprmbench: ") and bar.endswith("\n") and f"prmbench: {scaled}tok [" in bar
+    score(classifier, subset, tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH, progress=False)
+    assert capsys.readouterr().err == ""
+    # Nothing to do (a resumed run's total of 0) shows no bar either.
+    progress_bar(True, unit="tok", total=0).update(5)
+    assert capsys.readouterr().err == ""

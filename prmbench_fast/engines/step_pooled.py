@@ -25,6 +25,7 @@ from ..evaluate import Report, evaluate_steps
 from ..families import Family, FamilyError
 from ..families.base import StepPooling
 from ..predictions import StepPredictions, parse_results
+from ..progress import progress_bar
 from ..results_store import ResultsStore
 from ..tasks import get_task
 from ..token_cache import encode_dataset
@@ -197,7 +198,8 @@ def score_step_pooled(
         todo = [i for i, s in enumerate(dataset.samples) if s.id not in finished]
         items = prompts(fam, pooling, dataset, todo, max_length=max_length, cache_dir=cache_dir)
         tokens = sum(len(p.ids) for p in items)
-        bar = stack.enter_context(_progress(tokens, progress))
+        bar = progress_bar(progress, unit="tok", total=tokens)
+        stack.callback(bar.close)
         sample_ids = [s.id for s in dataset.samples]
         parts = []
         began = time.perf_counter()
@@ -207,8 +209,7 @@ def score_step_pooled(
             parts.append(part)
             if store is not None:
                 store.append(part.to_results(sample_ids))
-            if bar is not None:
-                bar.update(sum(len(p.ids) for p in chunk))
+            bar.update(sum(len(p.ids) for p in chunk))
         seconds = time.perf_counter() - began
 
         predictions = StepPredictions.concat([resumed, *parts])
@@ -236,18 +237,3 @@ def score_step_pooled(
                 report.analysis = analyze(dataset, report, validity_threshold=fam.validity_threshold)
             store.write_report(report)
     return report
-
-
-@contextlib.contextmanager
-def _progress(total_tokens: int, enabled: bool):
-    """A tokens/s progress bar on stderr (None when disabled or there is nothing to do), closed on the way out."""
-    if not enabled or not total_tokens:
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="prmbench", dynamic_ncols=True)
-    try:
-        yield bar
-    finally:
-        bar.close()
