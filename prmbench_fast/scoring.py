@@ -29,7 +29,7 @@ from .evaluate import Report, evaluate_steps
 from .families import Family, detect_family, family_class, precision
 from .fingerprint import weights_fingerprint
 from .live_model import PREFIX_SHARING_REFUSAL, forward_dtype, shards_layers, sharded_scoring, unwrap_model
-from .io import check_checkpoint_files, looks_like_hub_id
+from .io import check_checkpoint_files, check_output_dir, looks_like_hub_id
 from .models import check_device, check_model_folder
 from .packing import PackedBatch, TokenizedSample, backbone_hidden_states
 from .predictions import StepPredictions, parse_results
@@ -238,11 +238,13 @@ def score(
         TypeError: a dataset that is not the task's data (PRMBench data for "prmbench"/"subset400", BoN data for
             "bon"), a tokenizer given as a path, a max_length or batch_tokens that is not a positive int.
         ValueError: a live model without ``tokenizer``, a tokenizer with more tokens than the model's embedding,
-            a checkpoint file that is truncated or not JSON (``FileError`` naming it), a threshold outside the
+            a checkpoint file that is truncated or not JSON, an ``output_dir`` or ``cache_dir`` that is a file or
+            cannot be written (``FileError`` naming it), a threshold outside the
             family's score range, a family that does not fit the model, a run folder with
             another identity (``RunMismatchError``) or in use by another process (``RunLockedError``).
     """
-    _check_arguments(dataset, task=task, max_length=max_length, batch_tokens=batch_tokens, model=model)
+    _check_arguments(dataset, task=task, max_length=max_length, batch_tokens=batch_tokens, model=model,
+                     folders=(output_dir, cache_dir))
     check_engine(engine, model, family)
     if family == "critic":
         # An LLM prompted as a critic behind an OpenAI-compatible API: `model` is the served model's name.
@@ -355,8 +357,10 @@ def score(
     return report
 
 
-def _check_arguments(dataset, *, task: str, max_length: Any, batch_tokens: Any, model: Any) -> None:
-    """score()'s argument errors, named at the call rather than deep in the pipeline."""
+def _check_arguments(dataset, *, task: str, max_length: Any, batch_tokens: Any, model: Any,
+                     folders: tuple) -> None:
+    """score()'s argument errors, named at the call rather than deep in the pipeline (an output or cache folder that
+    is a file or cannot be written, too: a warm call reaches its cache folder only after the forwards)."""
     get_task(task)  # an unknown task: a ValueError listing the tasks
     if dataset is not None:
         check_task_dataset(task, dataset)
@@ -365,6 +369,9 @@ def _check_arguments(dataset, *, task: str, max_length: Any, batch_tokens: Any, 
             raise TypeError(f"{name} must be a positive int (a number of tokens), got {value!r}")
     if isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
         check_checkpoint_files(model)
+    for folder in folders:
+        if folder is not None:
+            check_output_dir(folder)
 
 
 def _check_vocabulary(model: torch.nn.Module, tokenizer: Any) -> None:

@@ -170,12 +170,16 @@ def streamed_batches(
     packed with :func:`~prmbench_fast.packing.pack_stream`: batches come longest first, as
     :func:`~prmbench_fast.packing.pack_batches` orders them, within the few samples whose token and character counts
     disagree. A problem's variants stay in one chunk, so the texts they share are tokenized once. Once every batch is
-    formed the list is kept in memory (:data:`PACKED_CACHE_SIZE` lists), and a later call yields it at once.
+    formed the list is kept in memory (:data:`PACKED_CACHE_SIZE` lists), and a later call yields it at once, then
+    writes the samples to ``cache_dir``'s file if it lacks them (a run folder's cache, new for this call).
     """
     key = (family.cache_key(), tuple(dataset.samples[p].id for p in positions), max_length, batch_tokens)
     if key in _PACKED:
         _PACKED.move_to_end(key)
         yield from _PACKED[key]
+        if cache_dir is not None:
+            for _ in encode_chunks(family, dataset, [positions], cache_dir=cache_dir):
+                pass  # every sample is in memory: this writes the file only if it lacks some
         return
     chunks = _chunks_longest_first(dataset, positions, chunk_samples)
     # Driven by encode_chunks (it comes first in the zip): it writes the cache file after its last chunk.

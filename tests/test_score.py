@@ -135,6 +135,35 @@ def test_disk_cache_of_tokenized_samples(subset, tokenizer, classifier, tmp_path
     assert second.predictions == first.predictions
 
 
+def test_a_warm_call_writes_a_new_run_folders_tokenization_cache(subset, tokenizer, classifier, tmp_path):
+    from prmbench_fast import token_cache
+    from prmbench_fast.families.generic import GenericPRM
+
+    options = dict(tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH, batch_tokens=1024,
+                   share_prefixes=False, progress=False)
+    score(classifier, subset, **options)  # the packed batches are now in memory: the next call tokenizes nothing
+    score(classifier, subset, output_dir=tmp_path / "run", **options)
+    (cache_file,) = (tmp_path / "run" / "cache").glob("encoded-*.safetensors")
+    stored = token_cache._read_cache_file(cache_file)
+    family = GenericPRM(tokenizer)
+    assert {sample.id: family.encode(sample) for sample in subset}.items() <= stored.items()
+
+
+def test_a_folder_that_is_a_file_is_refused_before_any_forward(subset, tokenizer, classifier, tmp_path):
+    from prmbench_fast.io import FileError
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    options = dict(tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH, batch_tokens=1024,
+                   share_prefixes=False, progress=False)
+    score(classifier, subset, **options)  # warm: a call with these options finds its batches packed in memory
+    model = tiny_llama(len(tokenizer), head="token_classification")
+    model.base_model.forward = lambda *args, **kwargs: pytest.fail("a forward ran before the folder was checked")
+    for folder in ("output_dir", "cache_dir"):
+        with pytest.raises(FileError, match=f"{a_file}.*is a file"):
+            score(model, subset, **options, **{folder: a_file})
+
+
 def test_output_dir_resume_skips_finished_samples(subset, tokenizer, classifier, tmp_path):
     out = tmp_path / "run"
     full = score(classifier, subset, tokenizer=tokenizer, family="generic", max_length=MAX_LENGTH,
