@@ -81,9 +81,13 @@ def test_cache_file_written_once_after_the_last_chunk(dataset, family, tmp_path,
 def test_stopped_run_writes_no_cache_file(dataset, family, tmp_path):
     token_cache._ENCODED.clear()
     token_cache._ON_DISK.clear()
+    # Four lists, one per problem. One list ahead, the producer waits to hand over the third while the last chunk is
+    # still being read, whenever the close comes; two ahead, it could form the last list (and write the file) before
+    # the close on a loaded machine.
     units = scoring._in_background(scoring._shared_units(
         family, dataset, range(len(dataset)), max_length=2048, batch_tokens=1000, cache_dir=tmp_path,
-        chunk_samples=5))
+        chunk_samples=5), depth=1)
+    assert len({sample.source_idx for sample in dataset.samples}) == 4
     next(units)
     units.close()  # as score() does when a forward fails
     assert not token_cache._disk_path(tmp_path, family.cache_key()).exists()
