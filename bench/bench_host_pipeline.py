@@ -10,7 +10,7 @@ the forwards did not hide.
 
 Three calls on the full benchmark, generic family, the SmolLM2 tokenizer: a cold call (tokenize and pack), a warm
 call (cached batches), and a warm call with ``output_dir`` (run identity, weights fingerprint, result lines written by
-the writer thread, report); then where the host time went.
+the writer thread, the run folder's tokenization cache file, analyses, report); then where the host time went.
 
     python bench/bench_host_pipeline.py                 # 1.5B on an H100 (~23 s of forwards per call)
     python bench/bench_host_pipeline.py --params 7e9    # 7B (~107 s per call)
