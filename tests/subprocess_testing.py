@@ -35,10 +35,11 @@ def leave_group() -> None:
     """End a torchrun child once its result is written: wait for every rank, destroy the process group, and exit
     without interpreter finalization.
 
-    A DDP-wrapped model (a Trainer's, Lightning's) keeps a reference to the gloo process group, so the group and its
-    worker threads outlive ``destroy_process_group`` and are torn down during finalization, where a thread that needs
-    the GIL aborts the process ("terminate called without an active exception", SIGABRT: the Trainer child, once in
-    CI; pytorch/pytorch#179291 describes the race). The results are on disk by then, so finalization has
+    A DDP-wrapped model (a Trainer's, Lightning's) or an FSDP2-sharded one keeps a reference to the gloo process
+    group, so the group and its worker threads outlive ``destroy_process_group`` and are torn down during
+    finalization, where a thread that needs the GIL aborts the process ("terminate called without an active
+    exception", SIGABRT: the Trainer child and the four-rank FSDP2 child, once each in CI; pytorch/pytorch#179291
+    describes the race). The results are on disk by then, so finalization has
     nothing left to do that the test reads.
     """
     import torch

@@ -33,6 +33,7 @@ from prmbench_fast.compat import fsdp_param_groups
 from prmbench_fast.fingerprint import weights_fingerprint
 from prmbench_fast.live_model import shards_layers
 from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
+from subprocess_testing import leave_group
 
 LAYERS = 6  # enough that a root and two layers are well below the whole model
 data = load_prmbench(sys.argv[2], limit_per_class=1)
@@ -153,8 +154,7 @@ except (ValueError, RuntimeError) as error:
     result["mismatch"] = [type(error).__name__, str(error)]
 
 (out / f"result.rank{rank}.json").write_text(json.dumps(result, sort_keys=True))
-dist.barrier()  # every result is written before any rank tears the group down
-dist.destroy_process_group()
+leave_group()  # the sharded models keep the gloo group past its destruction: no finalization (subprocess_testing)
 """
 
 
