@@ -31,6 +31,24 @@ def write_rank_result(folder, rank: int, result) -> None:
     (pathlib.Path(folder) / f"result.rank{rank}.json").write_text(json.dumps(result, sort_keys=True))
 
 
+def train_step(model, optimizer, vocab_size: int, seed: int) -> float:
+    """One token-classification training step of a rank's child on a random batch drawn from ``seed`` (two rows of 48
+    tokens, a label at every eighth); ``seed`` also seeds the global generator, which the head's dropout draws from.
+    Returns the loss."""
+    import torch
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (2, 48), generator=generator)
+    labels = torch.full_like(ids, -100)
+    labels[:, 7::8] = torch.randint(0, 2, labels[:, 7::8].shape, generator=generator)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
 def leave_group() -> None:
     """End a torchrun child once its result is written: wait for every rank, destroy the process group, and exit
     without interpreter finalization.

@@ -33,7 +33,7 @@ from prmbench_fast.compat import fsdp_param_groups
 from prmbench_fast.fingerprint import weights_fingerprint
 from prmbench_fast.live_model import shards_layers
 from prmbench_fast.testing.tiny_models import tiny_llama, train_tokenizer
-from subprocess_testing import leave_group
+from subprocess_testing import leave_group, train_step
 
 LAYERS = 6  # enough that a root and two layers are well below the whole model
 data = load_prmbench(sys.argv[2], limit_per_class=1)
@@ -86,19 +86,6 @@ def padded_bytes(parameters):
     return sum(-(-p.shape[0] // world) * world * (p.numel() // p.shape[0]) * p.element_size() for p in parameters)
 
 
-def train_step(model, optimizer):
-    torch.manual_seed(rank)  # the head's dropout draws from the global generator
-    generator = torch.Generator().manual_seed(rank)  # each rank its own batch
-    ids = torch.randint(3, len(tokenizer), (2, 48), generator=generator)
-    labels = torch.full_like(ids, -100)
-    labels[:, 7::8] = torch.randint(0, 2, labels[:, 7::8].shape, generator=generator)
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return loss.item()
-
-
 model = sharded()
 peak = [0]
 def probe(*_):
@@ -139,9 +126,10 @@ except ValueError as error:
     result["share_error"] = str(error)
 result["root_only_shards_layers"] = shards_layers(sharded(layers=False))
 
-# Training after scoring: the same losses and weights as a model that was never scored.
+# Training after scoring (each rank its own batch): the same losses and weights as a model that was never scored.
 untouched = sharded()
-losses = [train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-2)) for m in (model, untouched)]
+losses = [train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-2), len(tokenizer), seed=rank)
+          for m in (model, untouched)]
 full = [{n: p.full_tensor() for n, p in m.named_parameters()} for m in (model, untouched)]
 result["losses"] = losses
 result["weights_equal"] = all(torch.equal(full[0][n], p) for n, p in full[1].items())

@@ -10,7 +10,7 @@ FSDP_CHILD = r"""
 import json, pathlib, sys
 from datetime import timedelta
 sys.path.insert(0, sys.argv[1])
-from subprocess_testing import leave_group, write_rank_result
+from subprocess_testing import leave_group, train_step, write_rank_result
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -42,17 +42,8 @@ def sharded():
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
-def train_step(model, optimizer, step):
-    torch.manual_seed(100 * step + rank)  # the head's dropout draws from the global generator
-    generator = torch.Generator().manual_seed(100 * step + rank)  # each rank its own batch
-    ids = torch.randint(3, len(tokenizer), (2, 48), generator=generator)
-    labels = torch.full_like(ids, -100)
-    labels[:, 7::8] = torch.randint(0, 2, labels[:, 7::8].shape, generator=generator)
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return loss.item()
+def step_of(model, optimizer, step):  # training step `step`: each rank and step its own batch
+    return train_step(model, optimizer, len(tokenizer), seed=100 * step + rank)
 
 
 def full_state(model):
@@ -63,7 +54,7 @@ scored, scored_opt = sharded()
 untouched, untouched_opt = sharded()
 before_training = score(scored, data, **OPTIONS)  # before any forward through FSDP2's root
 
-losses = [train_step(scored, scored_opt, 0)]
+losses = [step_of(scored, scored_opt, 0)]
 step_weights = full_state(scored)
 real_forwards = []  # per backbone forward from here on: whether it ran a batch (padding runs one token)
 scored.model.register_forward_hook(  # score() passes input_ids by keyword, training positionally
@@ -75,15 +66,15 @@ dist.all_gather_object(forwards_per_rank[0], [sum(real_forwards), len(real_forwa
 # With a run folder: its identity (the weights fingerprint, read from each rank's shards) must be one for every rank,
 # or the ranks would disagree about the folder.
 in_folder = score(scored, data, output_dir=sys.argv[3], **OPTIONS)
-losses.append(train_step(scored, scored_opt, 1))
+losses.append(step_of(scored, scored_opt, 1))
 # One sample: rank 1 has no batch and runs a padding forward. FSDP2 must not keep the scoring forwards in the order it
 # prefetches by in backward, or the next backward's all-gathers no longer pair up across ranks.
 del real_forwards[:]
 score(scored, data.restrict_to([next(s.id for s in data if s.classification == "correct")]), **OPTIONS)
 forwards_per_rank.append([None, None])
 dist.all_gather_object(forwards_per_rank[1], [sum(real_forwards), len(real_forwards)])
-losses.append(train_step(scored, scored_opt, 2))
-untouched_losses = [train_step(untouched, untouched_opt, step) for step in range(3)]
+losses.append(step_of(scored, scored_opt, 2))
+untouched_losses = [step_of(untouched, untouched_opt, step) for step in range(3)]
 
 plain = build()  # unsharded, with the weights `scored` had when it was scored after its first step
 with torch.no_grad():
