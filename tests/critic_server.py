@@ -1,23 +1,16 @@
 """A scripted OpenAI-compatible chat server on 127.0.0.1 for the critic tests (nothing leaves the machine), and the
 ``serve`` fixture that starts one per script and stops it after the test."""
 
-import http.server
-import json
 import threading
 import time
 from collections import Counter
 
 import pytest
 
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    # The default listen backlog (5) overflows when all the client's connections open at once; the dropped
-    # handshakes then stall for a TCP retransmission (~1 s) and make request counts and timings flaky.
-    request_queue_size = 128
+from json_http_stub import JsonHttpStub
 
 
-class FakeCritic:
+class FakeCritic(JsonHttpStub):
     """``POST /v1/chat/completions`` answering from a script keyed by the question of the last user message (by
     ``key(body)`` when given: another prompt layout).
 
@@ -34,35 +27,8 @@ class FakeCritic:
         self.calls = Counter()
         self.lock = threading.Lock()
         self.in_flight = self.max_in_flight = 0
-        critic = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with critic.lock:
-                    critic.in_flight += 1
-                    critic.max_in_flight = max(critic.max_in_flight, critic.in_flight)
-                try:
-                    critic.handle(self, body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (its timeout) before we answered
-                finally:
-                    with critic.lock:
-                        critic.in_flight -= 1
-
-        self.server = _Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__()
+        self.url += "/v1"  # the API base a client is given
 
     @staticmethod
     def question_of(body):
@@ -70,6 +36,18 @@ class FakeCritic:
         return query[len("Question: "):query.index("\n\n Solutions: ")]
 
     def handle(self, handler, body):
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self.answer(handler, body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (its timeout) before we answered
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def answer(self, handler, body):
         assert handler.path == "/v1/chat/completions"
         question = self.key(body)
         with self.lock:
@@ -95,15 +73,6 @@ class FakeCritic:
                              "message": {"role": "assistant", "content": action[-1]}}],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
             })
-
-    @staticmethod
-    def send(handler, status, payload):
-        data = json.dumps(payload).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ step-tag token. A script of actions, one per request (the last repeats), makes i
 
 from __future__ import annotations
 
-import http.server
-import json
 import pathlib
 import threading
 
 import torch
 
 from family_testing import bpe_tokenizer
+from json_http_stub import JsonHttpStub
 from prmbench_fast.families.qwen_prm import Qwen2ForProcessRewardModel
 
 TEMPLATE = (
@@ -44,7 +43,7 @@ def save_tiny_qwen_prm(folder: pathlib.Path, max_positions: int) -> pathlib.Path
     return folder
 
 
-class PoolingStub:
+class PoolingStub(JsonHttpStub):
     """``POST /pooling`` answering with the model's step probabilities. ``script`` holds one action per request:
     ``"ok"``, ``("status", code)``, ``"malformed"`` (an answer without the prompts' data) or ``"drop"`` (the
     first prompt's last step left out). Every request body is recorded."""
@@ -53,52 +52,27 @@ class PoolingStub:
         self.model, self.tag_id, self.script = model, tag_id, list(script)
         self.bodies: list[dict] = []
         self.lock = threading.Lock()
-        stub = self
+        super().__init__()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with stub.lock:
-                    call = len(stub.bodies)
-                    stub.bodies.append({"path": self.path, **body})
-                action = stub.script[min(call, len(stub.script) - 1)]
-                if self.path != "/pooling":
-                    stub.send(self, 404, {"error": {"message": f"no route {self.path}"}})
-                elif isinstance(action, tuple):
-                    stub.send(self, action[1], {"error": {"message": f"scripted {action[1]}"}})
-                elif action == "malformed":
-                    stub.send(self, 200, {"data": []})
-                else:
-                    data = [stub.probabilities(ids) for ids in body["input"]]
-                    if action == "drop":
-                        data[0] = data[0][:-1]
-                    stub.send(self, 200, {"data": [{"index": i, "data": d} for i, d in enumerate(data)]})
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    def handle(self, handler, body) -> None:
+        with self.lock:
+            call = len(self.bodies)
+            self.bodies.append({"path": handler.path, **body})
+        action = self.script[min(call, len(self.script) - 1)]
+        if handler.path != "/pooling":
+            self.send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
+        elif isinstance(action, tuple):
+            self.send(handler, action[1], {"error": {"message": f"scripted {action[1]}"}})
+        elif action == "malformed":
+            self.send(handler, 200, {"data": []})
+        else:
+            data = [self.probabilities(ids) for ids in body["input"]]
+            if action == "drop":
+                data[0] = data[0][:-1]
+            self.send(handler, 200, {"data": [{"index": i, "data": d} for i, d in enumerate(data)]})
 
     def probabilities(self, ids: list[int]) -> list[list[float]]:
         tags = [p for p, token in enumerate(ids) if token == self.tag_id]
         with torch.no_grad():
             hidden = self.model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, tags]
             return torch.softmax(self.model.score(hidden), dim=-1).tolist()
-
-    @staticmethod
-    def send(handler, status: int, payload) -> None:
-        data = json.dumps(payload).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
